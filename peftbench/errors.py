@@ -1,0 +1,23 @@
+"""The one exception users see: a one-line message naming the bad value and the fix."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UserError(Exception):
+    """Bad input (config value, data file, model source). The CLI prints it as one line, no traceback."""
+
+
+def choice_error(what: str, value: object, choices: Iterable[str]) -> UserError:
+    """`unknown task 'sst3' (did you mean 'sst2'?); choose from: cola, mnli, ...`"""
+    choices = sorted(choices)
+    close = difflib.get_close_matches(str(value), choices, n=3, cutoff=0.5)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    return UserError(f"unknown {what} {value!r}{hint}; choose from: {', '.join(choices)}")
+
+
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)

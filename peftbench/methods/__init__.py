@@ -1,0 +1,77 @@
+"""Methods: a YAML in configs/method/ names `apply(model, cfg, family) -> model` with `_target_`.
+
+`apply` freezes what the method does not train and adds what it does; it may wrap the model (peft). It must
+work on the meta device too, so `peftbench params` can count any paper model without its weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra.utils import get_method
+from omegaconf import DictConfig
+from safetensors.torch import save_file
+
+from peftbench.errors import UserError
+from peftbench.models import Family
+
+
+def apply_method(model: torch.nn.Module, method_cfg: DictConfig, fam: Family) -> torch.nn.Module:
+    return get_method(method_cfg._target_)(model, method_cfg, fam)
+
+
+def freeze(model: torch.nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def unfreeze(module: torch.nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(True)
+
+
+def unfreeze_head(model: torch.nn.Module, fam: Family) -> None:
+    """The task head is new (random init), so every method trains it."""
+    for name in fam.head:
+        unfreeze(model.get_submodule(name))
+
+
+def positive_int(value, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise UserError(f"{name}={value!r}: must be a positive integer")
+    return value
+
+
+def finish(model: torch.nn.Module) -> torch.nn.Module:
+    """Prepare a trained model for inference: merge low-rank updates into the weights (peft's and our own
+    modules that define `merge()`), so inference costs what the base model costs."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    for name, module in list(model.named_modules()):
+        if name and callable(getattr(module, "merge", None)) and hasattr(module, "merged"):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.merge())
+    return model
+
+
+def save_trainable(model: torch.nn.Module, folder: Path) -> str:
+    """Adapters of peft methods in peft's format (PeftModel.from_pretrained loads them); every other trained
+    tensor as safetensors (trainable.safetensors, parameter name -> tensor)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    formats = []
+    saved_by_peft: set[str] = set()
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(folder)
+        formats.append("peft")
+        saved_by_peft = {n for n, _ in model.named_parameters() if "lora_" in n and ".base_layer." not in n}
+        saved_by_peft |= {n for n, _ in model.named_parameters() if "modules_to_save" in n}
+    tensors = {
+        n: p.detach().contiguous().cpu()
+        for n, p in model.named_parameters()
+        if p.requires_grad and n not in saved_by_peft
+    }
+    if tensors:
+        save_file(tensors, str(folder / "trainable.safetensors"))
+        formats.append("safetensors")
+    return "+".join(formats)

@@ -1,0 +1,29 @@
+"""FT-top-k: fine-tune only the top k transformer blocks (and the norms above them and the task head).
+
+Li & Liang 2021, Table 1, row FT-TOP2: "fine-tune only the top 2 layers". For encoder-decoder models the
+top k blocks of the encoder and of the decoder train.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from peftbench.errors import UserError
+from peftbench.methods import freeze, positive_int, unfreeze, unfreeze_head
+from peftbench.models import Family
+
+
+def apply(model: torch.nn.Module, cfg: DictConfig, fam: Family) -> torch.nn.Module:
+    k = positive_int(cfg.k, "method.k")
+    freeze(model)
+    for path in fam.blocks:
+        blocks = model.get_submodule(path)
+        if k > len(blocks):
+            raise UserError(f"method.k={k} but {path} has only {len(blocks)} blocks; use k<={len(blocks)}")
+        for block in list(blocks)[-k:]:
+            unfreeze(block)
+    for path in fam.final_norms:
+        unfreeze(model.get_submodule(path))
+    unfreeze_head(model, fam)
+    return model

@@ -1,0 +1,116 @@
+"""LoRA (Hu et al. 2021): W x + (alpha / r) * B A x on the chosen attention weights, Eq. (3); A is Gaussian /
+Kaiming-initialised and B zero, so training starts from the pretrained function. The paper adapts W_q and
+W_v by default (Sec. 7.1), which is our default for every family.
+
+peft implements it faithfully for separate projections (BERT, RoBERTa, DeBERTa, T5, BART), and its adapters
+save in peft's format. GPT-2 fuses q, k, v into one Conv1D `c_attn`; peft's LoRA on `c_attn` adapts the
+whole fused matrix (q, k and v together), which is not the paper's q, v. For GPT-2 we add one low-rank pair
+per chosen slice, as loralib's MergedLinear(enable_lora=[True, False, True]) in microsoft/LoRA does.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from omegaconf import DictConfig
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from peftbench.errors import UserError
+from peftbench.methods import freeze, positive_int, unfreeze_head
+from peftbench.models import Family
+
+SLICES = ("q", "k", "v")
+
+
+def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
+    r = positive_int(cfg.r, "method.r")
+    if cfg.alpha <= 0:
+        raise UserError(f"method.alpha={cfg.alpha!r}: must be positive (scaling is alpha / r)")
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"method.dropout={cfg.dropout!r}: must be in [0, 1)")
+    targets = list(cfg.targets)
+    known = [*SLICES, *[k for k in fam.proj if k != "qkv"]]
+    for t in targets:
+        if t not in known:
+            raise UserError(f"method.targets has {t!r}; choose from: {', '.join(dict.fromkeys(known))}")
+    fused = [t for t in targets if t in SLICES and "qkv" in fam.proj]
+    separate = [t for t in targets if t not in fused]
+    if separate:
+        pattern = r".*\.(" + "|".join(fam.proj[t] for t in separate) + r")$"
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=r,
+                lora_alpha=cfg.alpha,
+                lora_dropout=cfg.dropout,
+                target_modules=pattern,
+                modules_to_save=list(fam.head),
+                fan_in_fan_out=fam.kind == "decoder",  # GPT-2's Conv1D stores W transposed
+                bias="none",
+            ),
+        )
+    else:
+        freeze(model)
+        unfreeze_head(model, fam)
+    if fused:
+        add_fused_lora(model, fam, [SLICES.index(t) for t in fused], r, cfg.alpha, cfg.dropout)
+    return model
+
+
+class FusedLoRA(nn.Module):
+    """A frozen fused q|k|v projection (GPT-2 Conv1D) plus one LoRA pair per chosen slice."""
+
+    def __init__(self, base: nn.Module, slices: list[int], r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base
+        d_in, d_out3 = base.weight.shape  # Conv1D weight is (in, out)
+        self.d = d_out3 // 3
+        self.slices = slices
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout)
+        dev, dtype = base.weight.device, base.weight.dtype
+        self.lora_A = nn.ParameterList(
+            [nn.Parameter(torch.empty(r, d_in, device=dev, dtype=dtype)) for _ in slices]
+        )
+        self.lora_B = nn.ParameterList(
+            [nn.Parameter(torch.zeros(self.d, r, device=dev, dtype=dtype)) for _ in slices]
+        )
+        for a in self.lora_A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as peft / loralib
+        self.merged = False
+
+    def delta(self) -> torch.Tensor:
+        """The (in, 3d) update of the fused weight, zero on the slices without LoRA."""
+        w = torch.zeros_like(self.base.weight)
+        for s, a, b in zip(self.slices, self.lora_A, self.lora_B):
+            w[:, s * self.d : (s + 1) * self.d] = (b @ a).T * self.scaling
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged:
+            return out
+        h = self.dropout(x)
+        parts = [torch.zeros_like(out[..., : self.d])] * 3
+        for s, a, b in zip(self.slices, self.lora_A, self.lora_B):
+            parts[s] = (h @ a.T @ b.T) * self.scaling
+        return out + torch.cat(parts, dim=-1)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Module:
+        self.base.weight += self.delta()
+        self.merged = True
+        return self.base
+
+
+def add_fused_lora(model: nn.Module, fam: Family, slices: list[int], r: int, alpha: float, dropout: float):
+    pattern = re.compile(r".*\." + fam.proj["qkv"] + r"$")
+    names = [n for n, _ in model.named_modules() if pattern.match(n)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, FusedLoRA(getattr(parent, child), slices, r, alpha, dropout))
+

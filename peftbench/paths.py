@@ -1,0 +1,24 @@
+"""Where configs, data and results live. Each can be moved with an environment variable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def config_dir() -> Path:
+    return Path(os.environ.get("PEFTBENCH_CONFIG_DIR", REPO / "configs")).resolve()
+
+
+def data_dir() -> Path | None:
+    """Folder laid out like the official releases (glue/RTE/train.tsv, superglue/CB/val.jsonl, ...)."""
+    value = os.environ.get("PEFTBENCH_DATA_DIR")
+    return Path(value).expanduser().resolve() if value else None
+
+
+def group_options(group: str) -> list[str]:
+    """Option names of a config group: the YAML files in configs/<group>/, minus `_`-prefixed bases."""
+    folder = config_dir() / group
+    return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))

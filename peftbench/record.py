@@ -1,0 +1,83 @@
+"""The Record: one JSON file per run, named by its run id, written atomically.
+
+A run id is fixed by the parts of the config that change results, so rerunning a finished run is a no-op
+and an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from peftbench.errors import UserError
+
+# train.* settings that do not change what a run computes (where it writes, how it reports progress).
+NON_SEMANTIC_TRAIN_KEYS = {"force", "progress", "log_every", "save_adapter", "eval_batch_size"}
+
+
+def run_key(cfg: DictConfig) -> dict[str, Any]:
+    c = OmegaConf.to_container(cfg, resolve=True)
+    train = {k: v for k, v in c["train"].items() if k not in NON_SEMANTIC_TRAIN_KEYS}
+    method = {k: v for k, v in c["method"].items() if k != "description"}
+    model = {k: v for k, v in c["model"].items() if k != "description"}
+    task = {k: v for k, v in c["task"].items() if k != "description"}
+    return {"method": method, "model": model, "task": task, "train": train, "seed": c["seed"]}
+
+
+def run_id(cfg: DictConfig) -> str:
+    digest = hashlib.sha1(json.dumps(run_key(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    return f"{cfg.task.name}__{cfg.model.name}__{cfg.method.name}__s{cfg.seed}__{digest}"
+
+
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write to a temp file in the same folder, fsync, rename: a crash leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "wb" if isinstance(text, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    write_atomic(path, json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def load_records(folder: Path) -> list[dict[str, Any]]:
+    """Every record in a results folder (one experiment), oldest first; temp files are ignored."""
+    if not folder.is_dir():
+        raise UserError(f"no results folder {str(folder)!r}: run `peftbench train` first or pass --results DIR")
+    records = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            records.append(read_record(path))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not a valid record ({e}); delete it and rerun the run") from None
+    return records
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".probe.", delete=True)
+        probe.close()
+    except OSError as e:
+        raise UserError(
+            f"results folder {str(folder)!r} is not writable ({e.strerror}); set paths.results=DIR"
+        ) from None

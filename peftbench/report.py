@@ -1,0 +1,149 @@
+"""Records -> tables. Pure functions of the records: no torch, no GPU (params_table imports torch lazily).
+
+A row is (model, method + whatever method / train settings differ between the row's records, e.g.
+"lora r=4"), a column is task x metric, a cell is the mean (or median) ± std of the best evaluation over
+seeds, "failed" / "running" where no finished run exists.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from tabulate import tabulate
+
+from peftbench.errors import UserError
+from peftbench.record import NON_SEMANTIC_TRAIN_KEYS
+
+TASK_ORDER = ("mnli", "mnli_mm", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb",
+              "boolq", "cb", "copa", "multirc", "superglue_rte", "wic", "wsc")
+METRIC_SHORT = {"accuracy": "acc", "macro_f1": "mF1", "pearson": "P", "spearman": "S", "mcc": "MCC"}
+
+
+def format_params(n: int | None) -> str:
+    if n is None:
+        return ""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    return f"{n / 1e6:.3f}M"
+
+
+def _varying(records: list[dict], section: str, skip: set[str]) -> list[str]:
+    values = defaultdict(set)
+    for r in records:
+        for k, v in r["config"][section].items():
+            if k not in skip:
+                values[k].add(repr(v))
+    return sorted(k for k, vs in values.items() if len(vs) > 1)
+
+
+def row_labels(records: list[dict]) -> dict[str, tuple[str, str]]:
+    """run_id -> (model, method label); the label names the settings that tell the row's runs apart."""
+    by_row = defaultdict(list)
+    for r in records:
+        by_row[(r["model"], r["method"])].append(r)
+    labels = {}
+    for (model, method), rs in by_row.items():
+        m_keys = _varying(rs, "method", {"name", "description", "_target_"})
+        t_keys = _varying(rs, "train", NON_SEMANTIC_TRAIN_KEYS)
+        for r in rs:
+            parts = [f"{k}={_short(r['config']['method'][k])}" for k in m_keys]
+            parts += [f"train.{k}={_short(r['config']['train'][k])}" for k in t_keys]
+            labels[r["run_id"]] = (model, " ".join([method, *parts]))
+    return labels
+
+
+def _short(v: Any) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def _cell(values: list[float], stat: str) -> str:
+    center = statistics.median(values) if stat == "median" else statistics.fmean(values)
+    if len(values) == 1:
+        return f"{center:.2f}"
+    return f"{center:.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
+
+
+def records_table(records: list[dict], stat: str = "mean") -> list[dict[str, str]]:
+    labels = row_labels(records)
+    tasks = sorted({r["task"] for r in records}, key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else 99, t))
+    metrics = {r["task"]: list(r["config"]["task"]["metrics"]) for r in records}
+    main = {r["task"]: r["main_metric"] for r in records}
+    cells: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    params: dict[tuple, int] = {}
+    for r in records:
+        row = labels[r["run_id"]]
+        cells[row][r["task"]].append(r)
+        if r.get("params"):
+            params.setdefault(row, r["params"]["trainable_without_head"])
+    table = []
+    for row in sorted(cells, key=lambda x: (x[0], x[1])):
+        out = {"model": row[0], "method": row[1], "# trainable": format_params(params.get(row))}
+        mains = []
+        for task in tasks:
+            runs = cells[row].get(task, [])
+            done = [r for r in runs if r["status"] == "finished"]
+            for m in metrics[task]:
+                col = f"{task} {METRIC_SHORT.get(m, m)}"
+                if done:
+                    values = [r["best"]["metrics"][m] for r in done]
+                    out[col] = _cell(values, stat)
+                    if m == main[task]:
+                        mains.append(statistics.median(values) if stat == "median" else statistics.fmean(values))
+                else:
+                    out[col] = ", ".join(sorted({r["status"] for r in runs})) if runs else ""
+        if len(tasks) > 1:
+            out["Avg"] = f"{statistics.fmean(mains):.2f}" if len(mains) == len(tasks) else ""
+        table.append(out)
+    return table
+
+
+def params_table(points: Iterable[tuple[str, str, Any]]) -> list[dict[str, str]]:
+    """Trainable parameters of each (model, method), on the meta device."""
+    from peftbench.methods import apply_method
+    from peftbench.models import build_meta, count, family
+
+    rows = []
+    for model_name, method_name, cfg in points:
+        row = {"model": model_name, "method": method_name}
+        try:
+            fam = family(cfg.model)
+            model = apply_method(build_meta(cfg.model, cfg.task.kind, max(1, len(cfg.task.labels or []))), cfg.method, fam)
+            c = count(model, fam.head)
+        except UserError as e:
+            rows.append({**row, "trainable (no head)": "n/a", "%": "", "trainable (with head)": "",
+                         "total (no head)": "", "note": str(e).split(";")[0]})
+            continue
+        rows.append({
+            **row,
+            "trainable (no head)": f"{c['trainable_without_head']:,}",
+            "%": f"{100 * c['trainable_without_head'] / c['total_without_head']:.4f}",
+            "trainable (with head)": f"{c['trainable']:,}",
+            "total (no head)": f"{c['total_without_head']:,}",
+            "note": "",
+        })
+    return rows
+
+
+def render(rows: list[dict[str, str]], fmt: str = "md") -> str:
+    if not rows:
+        return ""
+    headers = list(dict.fromkeys(k for r in rows for k in r))
+    data = [[r.get(h, "") for h in headers] for r in rows]
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(headers)
+        writer.writerows(data)
+        return buf.getvalue().rstrip("\n")
+    if fmt == "latex":
+        return tabulate(data, headers=headers, tablefmt="latex_booktabs")
+    if fmt != "md":
+        raise UserError(f"unknown format {fmt!r}; choose from: md, csv, latex")
+    return tabulate(data, headers=headers, tablefmt="github", disable_numparse=True)

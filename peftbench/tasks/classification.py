@@ -1,0 +1,221 @@
+"""GLUE and SuperGLUE: the official local files (GLUE tsv, SuperGLUE jsonl) or the hub via `datasets`.
+
+Local rows are mapped onto the hub's schema (`local.columns`, `local.flatten`), labels onto indices of
+`task.labels`, so the rest of peftbench never sees where a row came from.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from peftbench.errors import UserError
+from peftbench.paths import data_dir
+from peftbench.tasks import TaskData
+
+SPLITS = ("train", "validation")
+
+
+def load(cfg: DictConfig, seed: int, max_train: int | None = None) -> TaskData:
+    rows, sources = {}, {}
+    for split in SPLITS:
+        rows[split], sources[split] = _load_split(cfg, split)
+    train = select_train(rows["train"], cfg, seed, max_train)
+    return TaskData(cfg.name, cfg.kind, list(cfg.labels or []), train, rows["validation"], sources)
+
+
+def select_train(rows: list[dict], cfg: DictConfig, seed: int, max_train: int | None) -> list[dict]:
+    """Seeded k-shot subset (`task.n_shot`, per class when `task.balanced`) or the first `max_train` of a
+    seeded shuffle. The shot seed defaults to the run seed, as in the few-shot papers' split files."""
+    if cfg.get("n_shot"):
+        k = int(cfg.n_shot)
+        shot_seed = cfg.get("shot_seed") if cfg.get("shot_seed") is not None else seed
+        rng = random.Random(shot_seed)
+        if cfg.get("balanced") and cfg.kind != "regression":
+            by_label: dict[Any, list] = defaultdict(list)
+            for r in rows:
+                by_label[r["label"]].append(r)
+            picked = []
+            for label in sorted(by_label):
+                pool = by_label[label]
+                if k > len(pool):
+                    raise UserError(
+                        f"task.n_shot={k} per class but {cfg.name} has only {len(pool)} train rows of label {label}"
+                    )
+                picked += rng.sample(pool, k)
+            rng.shuffle(picked)
+            return picked
+        if k > len(rows):
+            raise UserError(f"task.n_shot={k} but {cfg.name} has only {len(rows)} train rows; use n_shot<={len(rows)}")
+        return rng.sample(rows, k)
+    if max_train and max_train < len(rows):
+        rng = random.Random(seed)
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        return [rows[i] for i in sorted(order[:max_train])]
+    return rows
+
+
+def _load_split(cfg: DictConfig, split: str) -> tuple[list[dict], str]:
+    root = data_dir()
+    local = cfg.get("local")
+    path = None
+    if root is not None:
+        if not root.is_dir():
+            raise UserError(
+                f"PEFTBENCH_DATA_DIR={root} does not exist; point it at a folder laid out like the official "
+                "releases (glue/RTE/train.tsv, superglue/CB/val.jsonl, ...) or unset it to use the hub"
+            )
+        if local is not None and local.files.get(split):
+            path = root / local.dir / local.files[split]
+            if path.is_file():
+                return _read_local(cfg, path), str(path)
+    return _read_hub(cfg, split, missing_local=path), f"hub:{cfg.hub.path}/{cfg.hub.get('name') or ''}"
+
+
+def _read_hub(cfg: DictConfig, split: str, missing_local: Path | None) -> list[dict]:
+    hub = cfg.get("hub")
+    where = (
+        f"no local file {missing_local}"
+        if missing_local
+        else "PEFTBENCH_DATA_DIR is not set"
+        if data_dir() is None
+        else f"no local copy of the {split} split"
+    )
+    if hub is None:
+        raise UserError(f"task {cfg.name}: {where} and the task has no hub source")
+    hub_split = hub.get("splits", {}).get(split, split)
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        reason = "HF_HUB_OFFLINE=1"
+    else:
+        try:
+            import datasets
+
+            ds = datasets.load_dataset(hub.path, hub.get("name"), split=hub_split)
+            return [_normalise(cfg, dict(r), "hub", i) for i, r in enumerate(ds)]
+        except Exception as e:  # any failure to reach or read the hub is a user-facing data problem
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    local_dir = f"$PEFTBENCH_DATA_DIR/{cfg.local.dir}/" if cfg.get("local") else "$PEFTBENCH_DATA_DIR"
+    raise UserError(
+        f"task {cfg.name}: {where}, and the hub dataset {hub.path}/{hub.get('name')} ({hub_split}) could not be "
+        f"loaded ({reason}); put the official files in {local_dir} or go online"
+    )
+
+
+def _read_local(cfg: DictConfig, path: Path) -> list[dict]:
+    fmt = cfg.local.format
+    if fmt == "tsv":
+        raw = _read_tsv(cfg, path)
+    elif fmt == "jsonl":
+        raw = _read_jsonl(cfg, path)
+    else:
+        raise UserError(f"task {cfg.name}: unknown local.format {fmt!r}; choose from: jsonl, tsv")
+    return [_normalise(cfg, row, f"{path}:{line}", line) for line, row in raw]
+
+
+def _read_tsv(cfg: DictConfig, path: Path) -> list[tuple[int, dict]]:
+    columns = OmegaConf.to_container(cfg.local.columns)
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader) if cfg.local.get("header", True) else None
+        index = {}
+        for field, col in columns.items():
+            if isinstance(col, int):
+                index[field] = col
+            elif header is not None and col in header:
+                index[field] = header.index(col)
+            else:
+                raise UserError(f"{path}:1: header has no column {col!r} (found: {', '.join(header or [])})")
+        need = max(index.values()) + 1
+        out = []
+        for line, fields in enumerate(reader, start=2 if header else 1):
+            if not fields:
+                continue
+            if len(fields) < need:
+                raise UserError(
+                    f"{path}:{line}: malformed row: {len(fields)} tab-separated fields, expected at least {need}"
+                )
+            out.append((line, {field: fields[i] for field, i in index.items()}))
+    return out
+
+
+def _read_jsonl(cfg: DictConfig, path: Path) -> list[tuple[int, dict]]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{line}: malformed JSON row ({e.msg})") from None
+            if cfg.local.get("flatten") == "multirc":
+                out += [(line, r) for r in _flatten_multirc(row)]
+                continue
+            for key in cfg.local.get("flatten_keys") or []:
+                row.update(row.pop(key, {}))
+            out.append((line, row))
+    return out
+
+
+def _flatten_multirc(row: dict) -> list[dict]:
+    """One passage with questions with answers -> one row per answer option, as on the hub."""
+    text = row["passage"]["text"]
+    return [
+        {
+            "paragraph": text,
+            "question": q["question"],
+            "answer": a["text"],
+            "idx": {"paragraph": row["idx"], "question": q["idx"], "answer": a["idx"]},
+            "label": a.get("label", -1),
+        }
+        for q in row["passage"]["questions"]
+        for a in q["answers"]
+    ]
+
+
+def _normalise(cfg: DictConfig, row: dict, where: str, position: int) -> dict:
+    """Map the label to an index of task.labels (or a float for regression); give every row an id."""
+    raw = row.get("label")
+    if cfg.kind == "regression":
+        try:
+            row["label"] = float(raw)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: label {raw!r} of task {cfg.name} is not a number") from None
+    elif where != "hub" or isinstance(raw, str):
+        value = str(raw).lower() if isinstance(raw, bool) else str(raw)
+        labels = [str(x) for x in cfg.labels]
+        if value not in labels:
+            raise UserError(f"{where}: unknown label {value!r} for task {cfg.name}; expected one of {labels}")
+        row["label"] = labels.index(value)
+    row.setdefault("idx", position)
+    return row
+
+
+# --- formatting for models with a classification head ------------------------------------------------
+
+
+def format_pairs(cfg: DictConfig, row: dict) -> list[tuple[str, str | None]]:
+    """The (text_a, text_b) inputs of one row: one pair, or one per answer choice (multiple choice)."""
+    inputs = list(cfg.inputs)
+    if cfg.kind == "multiple_choice":
+        out = []
+        for choice_field in cfg.choices:
+            fields = {**row, **dict(cfg.get("derived", {}).get(row.get(cfg.get("derive_from", "")), {}))}
+            fields["choice"] = row[choice_field]
+            texts = [t.format(**fields) for t in inputs]
+            out.append((texts[0], texts[1] if len(texts) > 1 else None))
+        return out
+    texts = [t.format(**row) for t in inputs]
+    return [(texts[0], texts[1] if len(texts) > 1 else None)]
+
+
+def group_of(cfg: DictConfig, row: dict) -> str | None:
+    return cfg.group.format(**row) if cfg.get("group") else None

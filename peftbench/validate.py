@@ -1,0 +1,58 @@
+"""Check a composed config before any data or weights load, so a bad value fails in a second, not after
+minutes of loading, and every point of a sweep is checked before the first one runs."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from peftbench.errors import UserError, choice_error
+from peftbench.methods import apply_method
+from peftbench.metrics import METRICS
+from peftbench.models import build_meta, family
+
+
+def _positive(value, name: str, kind=(int,), allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        raise UserError(f"{name}={value!r}: must be a positive {'integer' if kind == (int,) else 'number'}")
+
+
+def validate(cfg: DictConfig) -> None:
+    t = cfg.train
+    _positive(t.lr, "train.lr", (int, float))
+    _positive(t.batch_size, "train.batch_size")
+    _positive(t.eval_batch_size, "train.eval_batch_size")
+    _positive(t.grad_accum, "train.grad_accum")
+    _positive(t.epochs, "train.epochs")
+    _positive(t.max_steps, "train.max_steps", allow_none=True)
+    _positive(t.max_train_samples, "train.max_train_samples", allow_none=True)
+    _positive(t.max_eval_samples, "train.max_eval_samples", allow_none=True)
+    _positive(t.log_every, "train.log_every")
+    if not 0 <= t.warmup_ratio < 1:
+        raise UserError(f"train.warmup_ratio={t.warmup_ratio!r}: must be in [0, 1)")
+    if t.weight_decay < 0:
+        raise UserError(f"train.weight_decay={t.weight_decay!r}: must be >= 0")
+    if t.eval_every != "epoch":
+        _positive(t.eval_every, "train.eval_every")
+    if t.mixed_precision not in ("no", "bf16", "fp16"):
+        raise choice_error("train.mixed_precision", t.mixed_precision, ["no", "bf16", "fp16"])
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise choice_error("train.device", t.device, ["auto", "cpu", "cuda"])
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("train.mixed_precision=fp16 needs a CUDA device; use no (or bf16) on CPU")
+    _positive(cfg.task.max_length, "task.max_length")
+    if cfg.task.max_length < 8:
+        raise UserError(f"task.max_length={cfg.task.max_length}: too small to hold the input; use >= 8")
+    for name in cfg.task.metrics:
+        if name not in METRICS:
+            raise choice_error("metric", name, METRICS)
+    if cfg.task.main_metric not in cfg.task.metrics:
+        raise UserError(f"task.main_metric={cfg.task.main_metric!r} is not in task.metrics {list(cfg.task.metrics)}")
+    if not isinstance(cfg.seed, int):
+        raise UserError(f"seed={cfg.seed!r}: must be an integer")
+    # The method's own checks (rank > 0, k <= blocks, applicable to the family) on a weightless copy.
+    apply_method(build_meta(cfg.model, cfg.task.kind, max(1, len(cfg.task.labels or []))), cfg.method, family(cfg.model))

@@ -111,9 +111,11 @@ def sweep_points(args: list[str]) -> Iterator[list[str]]:
 
 def cmd_train(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
-        print("usage: peftbench train [-m] [group=option ...] [key=value ...]\n"
-              f"groups: {', '.join(GROUPS)} (see `peftbench list`); e.g. peftbench train method=lora task=rte\n"
-              "sweep: peftbench train -m method=lora method.r=1,2,4,8 task=rte")
+        print(
+            "usage: peftbench train [-m] [group=option ...] [key=value ...]\n"
+            f"groups: {', '.join(GROUPS)} (see `peftbench list`); e.g. peftbench train method=lora task=rte\n"
+            "sweep: peftbench train -m method=lora method.r=1,2,4,8 task=rte"
+        )
         return 0
     from peftbench.validate import validate
 
@@ -138,13 +140,17 @@ def run_hydra(args: list[str]) -> int:
     sys.argv = ["peftbench train", *args]
     try:
         _app()
+    except SystemExit as e:  # Hydra and our one-line errors end the app with sys.exit
+        return e.code if isinstance(e.code, int) else 1
     finally:
         sys.argv = saved
     return 0
 
 
 def cmd_list(args: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="peftbench list", description="Config options with one-line descriptions.")
+    p = argparse.ArgumentParser(
+        prog="peftbench list", description="Config options with one-line descriptions."
+    )
     p.add_argument("group", nargs="?", choices=GROUPS, help="only this group")
     a = p.parse_args(args)
     for group in [a.group] if a.group else GROUPS:
@@ -155,8 +161,21 @@ def cmd_list(args: list[str]) -> int:
     return 0
 
 
-PAPER_MODELS = ("roberta-base", "roberta-large", "bert-base", "bert-large", "deberta-v2-xxlarge", "gpt2",
-                "gpt2-medium", "gpt2-large", "t5-small", "t5-base", "t5-large", "bart-base", "bart-large")
+PAPER_MODELS = (
+    "roberta-base",
+    "roberta-large",
+    "bert-base",
+    "bert-large",
+    "deberta-v2-xxlarge",
+    "gpt2",
+    "gpt2-medium",
+    "gpt2-large",
+    "t5-small",
+    "t5-base",
+    "t5-large",
+    "bart-base",
+    "bart-large",
+)
 TABLE_METHODS = ("full", "ft_top2", "bitfit", "lora")
 
 
@@ -185,7 +204,9 @@ def cmd_params(args: list[str]) -> int:
 def cmd_table(args: list[str]) -> int:
     p = argparse.ArgumentParser(prog="peftbench table", description="Records of one experiment -> a table.")
     p.add_argument("name", nargs="?", default="runs", help="experiment (results/<name>/); default: runs")
-    p.add_argument("--results", type=Path, default=None, help="results root (default: $PEFTBENCH_RESULTS_DIR or results)")
+    p.add_argument(
+        "--results", type=Path, default=None, help="results root (default: $PEFTBENCH_RESULTS_DIR or results)"
+    )
     p.add_argument("--format", choices=("md", "csv", "latex"), default="md")
     p.add_argument("--stat", choices=("mean", "median"), default="mean", help="over seeds (± std either way)")
     p.add_argument("--out", type=Path, default=None, help="also write the table to this file (atomically)")

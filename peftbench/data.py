@@ -25,7 +25,9 @@ def encode(rows: list[dict], task_cfg: DictConfig, tokenizer) -> list[dict[str, 
     for row, ps in zip(rows, pairs):
         choices = [{k: enc[k][j] for k in keys} for j in range(i, i + len(ps))]
         i += len(ps)
-        out.append({"choices": choices, "label": row["label"], "idx": row["idx"], "group": group_of(task_cfg, row)})
+        out.append(
+            {"choices": choices, "label": row["label"], "idx": row["idx"], "group": group_of(task_cfg, row)}
+        )
     return out
 
 
@@ -35,7 +37,9 @@ class Batcher:
 
     def __init__(self, tokenizer, kind: str):
         if kind not in ("classification", "regression", "multiple_choice"):
-            raise UserError(f"task.kind={kind!r} needs a generation or prompt runner; choose a classification task")
+            raise UserError(
+                f"task.kind={kind!r} needs a generation or prompt runner; choose a classification task"
+            )
         self.tokenizer = tokenizer
         self.kind = kind
 
@@ -65,3 +69,32 @@ class Batcher:
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float() if self.kind == "regression" else logits.argmax(-1)
+
+
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Batches of similar length (less padding), in random order: shuffle, cut into mega-batches of
+    `mega` batches, sort each by length, cut into batches, shuffle the batches. HF Trainer's
+    `group_by_length` does the same; on SST-2 it cuts padded tokens per batch about 3x."""
+
+    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator, mega: int = 50):
+        self.lengths, self.batch_size, self.generator, self.mega = lengths, batch_size, generator, mega
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        size = self.batch_size * self.mega
+        batches = []
+        for i in range(0, len(order), size):
+            chunk = sorted(order[i : i + size], key=lambda j: -self.lengths[j])
+            batches += [chunk[k : k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
+        for b in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[b]
+
+    def __len__(self) -> int:
+        return sum(
+            -(-min(self.batch_size * self.mega, len(self.lengths) - i) // self.batch_size)
+            for i in range(0, len(self.lengths), self.batch_size * self.mega)
+        )
+
+
+def feature_length(feature: dict) -> int:
+    return sum(len(c["input_ids"]) for c in feature["choices"])

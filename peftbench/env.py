@@ -11,8 +11,21 @@ import torch
 
 from peftbench.paths import REPO
 
-PACKAGES = ("peftbench", "torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "omegaconf",
-            "tokenizers", "safetensors", "numpy", "scikit-learn", "scipy")
+PACKAGES = (
+    "peftbench",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "hydra-core",
+    "omegaconf",
+    "tokenizers",
+    "safetensors",
+    "numpy",
+    "scikit-learn",
+    "scipy",
+)
 
 
 def versions() -> dict[str, str | None]:
@@ -27,21 +40,35 @@ def versions() -> dict[str, str | None]:
 
 def git_sha() -> str | None:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5
+        )
         if sha.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return sha.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
 
 def device_info(device: torch.device) -> dict:
-    info = {"type": device.type, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    info = {
+        "type": device.type,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
     if device.type == "cuda":
-        info.update(name=torch.cuda.get_device_name(device), count=torch.cuda.device_count(),
-                    deterministic_needs="CUBLAS_WORKSPACE_CONFIG=:4096:8 and torch.use_deterministic_algorithms(True)")
+        info.update(
+            name=torch.cuda.get_device_name(device),
+            count=torch.cuda.device_count(),
+            deterministic_needs="CUBLAS_WORKSPACE_CONFIG=:4096:8 and torch.use_deterministic_algorithms(True)",
+        )
     return info
 
 

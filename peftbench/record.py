@@ -62,7 +62,9 @@ def read_record(path: Path) -> dict[str, Any]:
 def load_records(folder: Path) -> list[dict[str, Any]]:
     """Every record in a results folder (one experiment), oldest first; temp files are ignored."""
     if not folder.is_dir():
-        raise UserError(f"no results folder {str(folder)!r}: run `peftbench train` first or pass --results DIR")
+        raise UserError(
+            f"no results folder {str(folder)!r}: run `peftbench train` first or pass --results DIR"
+        )
     records = []
     for path in sorted(folder.glob("*.json")):
         try:

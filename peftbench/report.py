@@ -19,8 +19,24 @@ from tabulate import tabulate
 from peftbench.errors import UserError
 from peftbench.record import NON_SEMANTIC_TRAIN_KEYS
 
-TASK_ORDER = ("mnli", "mnli_mm", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb",
-              "boolq", "cb", "copa", "multirc", "superglue_rte", "wic", "wsc")
+TASK_ORDER = (
+    "mnli",
+    "mnli_mm",
+    "sst2",
+    "mrpc",
+    "cola",
+    "qnli",
+    "qqp",
+    "rte",
+    "stsb",
+    "boolq",
+    "cb",
+    "copa",
+    "multirc",
+    "superglue_rte",
+    "wic",
+    "wsc",
+)
 METRIC_SHORT = {"accuracy": "acc", "macro_f1": "mF1", "pearson": "P", "spearman": "S", "mcc": "MCC"}
 
 
@@ -72,7 +88,9 @@ def _cell(values: list[float], stat: str) -> str:
 
 def records_table(records: list[dict], stat: str = "mean") -> list[dict[str, str]]:
     labels = row_labels(records)
-    tasks = sorted({r["task"] for r in records}, key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else 99, t))
+    tasks = sorted(
+        {r["task"] for r in records}, key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else 99, t)
+    )
     metrics = {r["task"]: list(r["config"]["task"]["metrics"]) for r in records}
     main = {r["task"]: r["main_metric"] for r in records}
     cells: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
@@ -95,7 +113,9 @@ def records_table(records: list[dict], stat: str = "mean") -> list[dict[str, str
                     values = [r["best"]["metrics"][m] for r in done]
                     out[col] = _cell(values, stat)
                     if m == main[task]:
-                        mains.append(statistics.median(values) if stat == "median" else statistics.fmean(values))
+                        mains.append(
+                            statistics.median(values) if stat == "median" else statistics.fmean(values)
+                        )
                 else:
                     out[col] = ", ".join(sorted({r["status"] for r in runs})) if runs else ""
         if len(tasks) > 1:
@@ -114,20 +134,32 @@ def params_table(points: Iterable[tuple[str, str, Any]]) -> list[dict[str, str]]
         row = {"model": model_name, "method": method_name}
         try:
             fam = family(cfg.model)
-            model = apply_method(build_meta(cfg.model, cfg.task.kind, max(1, len(cfg.task.labels or []))), cfg.method, fam)
+            model = apply_method(
+                build_meta(cfg.model, cfg.task.kind, max(1, len(cfg.task.labels or []))), cfg.method, fam
+            )
             c = count(model, fam.head)
         except UserError as e:
-            rows.append({**row, "trainable (no head)": "n/a", "%": "", "trainable (with head)": "",
-                         "total (no head)": "", "note": str(e).split(";")[0]})
+            rows.append(
+                {
+                    **row,
+                    "trainable (no head)": "n/a",
+                    "%": "",
+                    "trainable (with head)": "",
+                    "total (no head)": "",
+                    "note": str(e).split(";")[0],
+                }
+            )
             continue
-        rows.append({
-            **row,
-            "trainable (no head)": f"{c['trainable_without_head']:,}",
-            "%": f"{100 * c['trainable_without_head'] / c['total_without_head']:.4f}",
-            "trainable (with head)": f"{c['trainable']:,}",
-            "total (no head)": f"{c['total_without_head']:,}",
-            "note": "",
-        })
+        rows.append(
+            {
+                **row,
+                "trainable (no head)": f"{c['trainable_without_head']:,}",
+                "%": f"{100 * c['trainable_without_head'] / c['total_without_head']:.4f}",
+                "trainable (with head)": f"{c['trainable']:,}",
+                "total (no head)": f"{c['total_without_head']:,}",
+                "note": "",
+            }
+        )
     return rows
 
 

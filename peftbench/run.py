@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from peftbench import metrics as M
-from peftbench.data import Batcher, encode
+from peftbench.data import Batcher, LengthGroupedBatches, encode, feature_length
 from peftbench.env import device_info, git_sha, peak_memory_mib, reset_peak_memory, versions
 from peftbench.errors import UserError
 from peftbench.methods import apply_method, finish, save_trainable
@@ -46,6 +46,7 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     check_writable(out_dir)
     record = new_record(cfg, rid)
     write_record(path, record)
+    t_start = time.perf_counter()
     try:
         train_and_evaluate(cfg, record, out_dir / rid)
         record["status"] = "finished"
@@ -63,8 +64,11 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        record["wall_s"] = round(time.perf_counter() - t_start, 2)
         write_record(path, record)
-    print(f"[peftbench] {rid}: best {record['main_metric']}={record['best']['metrics'][record['main_metric']]:.2f} -> {path}")
+    print(
+        f"[peftbench] {rid}: best {record['main_metric']}={record['best']['metrics'][record['main_metric']]:.2f} -> {path}"
+    )
     return record
 
 
@@ -118,7 +122,13 @@ def prepare(cfg: DictConfig, record: dict[str, Any]) -> Setup:
     train = encode(task.train, cfg.task, tokenizer)
     evals = encode(validation, cfg.task, tokenizer)
     generator = torch.Generator().manual_seed(int(cfg.seed))
-    train_loader = DataLoader(train, cfg.train.batch_size, shuffle=True, generator=generator, collate_fn=batcher)
+    if cfg.train.group_by_length:
+        sampler = LengthGroupedBatches([feature_length(f) for f in train], cfg.train.batch_size, generator)
+        train_loader = DataLoader(train, batch_sampler=sampler, collate_fn=batcher)
+    else:
+        train_loader = DataLoader(
+            train, cfg.train.batch_size, shuffle=True, generator=generator, collate_fn=batcher
+        )
     eval_loader = DataLoader(evals, cfg.train.eval_batch_size, shuffle=False, collate_fn=batcher)
     record["data"] = {"sources": task.sources, "n_train": len(train), "n_eval": len(evals)}
     if cfg.task.get("n_shot"):
@@ -133,11 +143,15 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path)
     acc = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, cpu=cpu)
     record["device"] = device_info(acc.device)
     params = [p for p in s.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.adam_betas), eps=t.adam_eps)
+    opt = torch.optim.AdamW(
+        params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.adam_betas), eps=t.adam_eps
+    )
     steps_per_epoch = math.ceil(len(s.train_loader) / t.grad_accum)
     total_steps = int(t.max_steps) if t.max_steps else steps_per_epoch * int(t.epochs)
     sched = get_linear_schedule_with_warmup(opt, int(t.warmup_ratio * total_steps), total_steps)
-    model, opt, train_loader, eval_loader, sched = acc.prepare(s.model, opt, s.train_loader, s.eval_loader, sched)
+    model, opt, train_loader, eval_loader, sched = acc.prepare(
+        s.model, opt, s.train_loader, s.eval_loader, sched
+    )
     eval_every = steps_per_epoch if t.eval_every == "epoch" else int(t.eval_every)
     main = cfg.task.main_metric
     better = M.higher_is_better(main)
@@ -148,10 +162,10 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path)
     train_time = eval_time = 0.0
     bar = tqdm(total=total_steps, desc=record["run_id"][:40], disable=not t.progress, leave=False)
     epoch = 0
+    t_prev = time.perf_counter()  # train time counts data loading + step, not evaluation
     while step < total_steps:
         model.train()
         for batch in train_loader:
-            t0 = time.perf_counter()
             with acc.accumulate(model):
                 loss = s.batcher.loss(model, batch)
                 acc.backward(loss)
@@ -163,26 +177,31 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path)
             tokens += int(batch["attention_mask"].sum())
             samples += len(batch["labels"])
             if not acc.sync_gradients:
-                train_time += time.perf_counter() - t0
                 continue
             step += 1
             losses.append(round(loss.item(), 5))
-            train_time += time.perf_counter() - t0
+            now = time.perf_counter()
+            train_time += now - t_prev
+            t_prev = now
             bar.update(1)
             if step % t.log_every == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-t.log_every:]):.4f}")
+                bar.set_postfix(loss=f"{np.mean(losses[-t.log_every :]):.4f}")
             if step % eval_every == 0 or step == total_steps:
                 t1 = time.perf_counter()
                 result = evaluate(model, eval_loader, s, cfg)
                 eval_time += time.perf_counter() - t1
                 result.update(step=step, epoch=round(step / steps_per_epoch, 3))
                 evals.append(result)
-                print(f"[peftbench] step {step}/{total_steps} " + " ".join(f"{k}={v:.2f}" for k, v in result["metrics"].items()))
+                print(
+                    f"[peftbench] step {step}/{total_steps} "
+                    + " ".join(f"{k}={v:.2f}" for k, v in result["metrics"].items())
+                )
                 value = result["metrics"][main]
                 if best is None or (value > best_value if better else value < best_value):
                     best, best_value = result, value
                     best_state = trainable_state(acc.unwrap_model(model))
                 model.train()
+                t_prev = time.perf_counter()
             if step >= total_steps:
                 break
         epoch += 1
@@ -205,7 +224,10 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path)
         "loss_last": float(np.mean(losses[-max(1, min(len(losses), t.log_every)) :])) if losses else None,
         "loss_curve": losses[:: max(1, len(losses) // 200)],
     }
-    record["memory"] = {"peak_mib": peak_memory_mib(acc.device), "kind": "cuda_max_allocated" if acc.device.type == "cuda" else "cpu_max_rss"}
+    record["memory"] = {
+        "peak_mib": peak_memory_mib(acc.device),
+        "kind": "cuda_max_allocated" if acc.device.type == "cuda" else "cpu_max_rss",
+    }
     if t.save_adapter:
         folder = artifacts / "adapter"
         fmt = save_trainable(model, folder)

@@ -51,8 +51,14 @@ def validate(cfg: DictConfig) -> None:
         if name not in METRICS:
             raise choice_error("metric", name, METRICS)
     if cfg.task.main_metric not in cfg.task.metrics:
-        raise UserError(f"task.main_metric={cfg.task.main_metric!r} is not in task.metrics {list(cfg.task.metrics)}")
+        raise UserError(
+            f"task.main_metric={cfg.task.main_metric!r} is not in task.metrics {list(cfg.task.metrics)}"
+        )
     if not isinstance(cfg.seed, int):
         raise UserError(f"seed={cfg.seed!r}: must be an integer")
     # The method's own checks (rank > 0, k <= blocks, applicable to the family) on a weightless copy.
-    apply_method(build_meta(cfg.model, cfg.task.kind, max(1, len(cfg.task.labels or []))), cfg.method, family(cfg.model))
+    apply_method(
+        build_meta(cfg.model, cfg.task.kind, max(1, len(cfg.task.labels or []))),
+        cfg.method,
+        family(cfg.model),
+    )

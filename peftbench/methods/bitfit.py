@@ -17,7 +17,11 @@ from peftbench.models import Family
 def apply(model: torch.nn.Module, cfg: DictConfig, fam: Family) -> torch.nn.Module:
     freeze(model)
     head = set(fam.head)
-    biases = [p for name, p in model.named_parameters() if name.endswith("bias") and head.isdisjoint(name.split("."))]
+    biases = [
+        p
+        for name, p in model.named_parameters()
+        if name.endswith("bias") and head.isdisjoint(name.split("."))
+    ]
     if not biases:
         raise UserError(
             f"method bitfit does not apply to this model: it has no bias terms ({type(model).__name__}); "

@@ -113,4 +113,3 @@ def add_fused_lora(model: nn.Module, fam: Family, slices: list[int], r: int, alp
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, FusedLoRA(getattr(parent, child), slices, r, alpha, dropout))
-

@@ -53,7 +53,9 @@ def select_train(rows: list[dict], cfg: DictConfig, seed: int, max_train: int | 
             rng.shuffle(picked)
             return picked
         if k > len(rows):
-            raise UserError(f"task.n_shot={k} but {cfg.name} has only {len(rows)} train rows; use n_shot<={len(rows)}")
+            raise UserError(
+                f"task.n_shot={k} but {cfg.name} has only {len(rows)} train rows; use n_shot<={len(rows)}"
+            )
         return rng.sample(rows, k)
     if max_train and max_train < len(rows):
         rng = random.Random(seed)

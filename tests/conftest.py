@@ -1,0 +1,51 @@
+"""Tests run offline: no hub, tiny random models, the official data files from PEFTBENCH_DATA_DIR (CI points
+it at ../shared/data) or small fixture files written by the tests themselves."""
+
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+if "PEFTBENCH_DATA_DIR" not in os.environ and _shared.is_dir():
+    os.environ["PEFTBENCH_DATA_DIR"] = str(_shared)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+DATA = Path(os.environ["PEFTBENCH_DATA_DIR"]) if os.environ.get("PEFTBENCH_DATA_DIR") else None
+
+
+@pytest.fixture
+def compose(tmp_path, monkeypatch):
+    """Compose the app's config with overrides, results going to a temp folder."""
+    from peftbench.cli import compose as _compose
+
+    monkeypatch.setenv("PEFTBENCH_RESULTS_DIR", str(tmp_path / "results"))
+
+    def make(*overrides: str):
+        return _compose(list(overrides))
+
+    return make
+
+
+def require_data(*parts: str) -> Path:
+    """The offline data are part of this project's test set-up (CI sets PEFTBENCH_DATA_DIR); a missing
+    folder is a failed set-up, not a skip."""
+    assert DATA is not None and DATA.is_dir(), "set PEFTBENCH_DATA_DIR to the official data folder"
+    path = DATA.joinpath(*parts)
+    assert path.exists(), f"missing {path}"
+    return path
+
+
+QUICK = [
+    "train.max_steps=3",
+    "train.max_train_samples=24",
+    "train.max_eval_samples=16",
+    "train.batch_size=8",
+    "train.progress=false",
+    "train.save_adapter=false",
+]

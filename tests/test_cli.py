@@ -1,0 +1,179 @@
+"""The CLI as a user meets it: sweeps that write one record per point and resume, tables, and one-line
+errors (no traceback) for every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import QUICK, require_data
+
+from peftbench.cli import main
+
+
+def run_cli(*args, env=None, cwd=None):
+    e = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "peftbench.cli", *args],
+        capture_output=True,
+        text=True,
+        env=e,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (
+            ["method=lorra"],
+            "unknown method 'lorra' (did you mean 'lora'?); choose from: bitfit, ft_top2, full, lora",
+        ),
+        (["model=roberta-bas"], "unknown model 'roberta-bas' (did you mean 'roberta-base'"),
+        (["task=sst3"], "unknown task 'sst3' (did you mean 'sst2'"),
+        (["method.r=0"], "method.r=0: must be a positive integer"),
+        (["train.lr=-1e-3"], "train.lr=-0.001: must be a positive number"),
+        (["train.batch_sise=8"], "bad override"),
+        (
+            ["method=ft_top2", "method.k=9", "model=tiny-bert"],
+            "method.k=9 but bert.encoder.layer has only 2 blocks",
+        ),
+        (
+            ["method=bitfit", "model=tiny-t5"],
+            "method bitfit does not apply to this model: it has no bias terms",
+        ),
+        (["-m", "method.r=4,0"], "method.r=0: must be a positive integer"),
+    ],
+)
+def test_bad_input_is_one_line_before_anything_loads(args, expected, capsys):
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "\n" not in err and "Traceback" not in err
+
+
+def test_missing_data_and_unreachable_hub_are_one_line(tmp_path):
+    r = run_cli(
+        "train",
+        "task=rte",
+        "model=tiny-bert",
+        *QUICK,
+        env={"PEFTBENCH_DATA_DIR": str(tmp_path / "none"), "PEFTBENCH_RESULTS_DIR": str(tmp_path)},
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "PEFTBENCH_DATA_DIR=" in last and "does not exist" in last
+    r = run_cli(
+        "train", "model=roberta-base", "task=rte", *QUICK, env={"PEFTBENCH_RESULTS_DIR": str(tmp_path)}
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert (
+        "cannot load 'FacebookAI/roberta-base' from the hub (HF_HUB_OFFLINE=1)" in last
+        and "model.path=" in last
+    )
+
+
+def test_sweep_writes_four_records_table_shows_them_and_rerun_skips(tmp_path):
+    require_data()
+    env = {"PEFTBENCH_RESULTS_DIR": str(tmp_path / "results"), "PEFTBENCH_LOG_DIR": str(tmp_path / "logs")}
+    args = ["train", "-m", "method=lora", "method.r=1,2,4,8", "task=rte", "model=tiny-bert", *QUICK]
+    first = run_cli(*args, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    records = sorted((tmp_path / "results" / "runs").glob("*.json"))
+    assert len(records) == 4
+    assert sorted(json.loads(p.read_text())["config"]["method"]["r"] for p in records) == [1, 2, 4, 8]
+    assert all(json.loads(p.read_text())["status"] == "finished" for p in records)
+    mtimes = [p.stat().st_mtime_ns for p in records]
+    again = run_cli(*args, env=env)
+    assert again.returncode == 0 and again.stdout.count("skip") == 4
+    assert [p.stat().st_mtime_ns for p in records] == mtimes
+    table = run_cli("table", "runs", "--results", str(tmp_path / "results"))
+    assert table.returncode == 0
+    lines = [line for line in table.stdout.splitlines() if "lora r=" in line]
+    assert len(lines) == 4 and "rte acc" in table.stdout
+
+
+def make_record(rid, method, task, seed, value, status="finished", r=8):
+    return {
+        "run_id": rid,
+        "status": status,
+        "method": method,
+        "model": "m",
+        "task": task,
+        "seed": seed,
+        "main_metric": "accuracy",
+        "config": {
+            "method": {"name": method, "r": r},
+            "train": {"lr": 1e-3},
+            "task": {"metrics": ["accuracy"]},
+        },
+        "best": {"metrics": {"accuracy": value}} if status == "finished" else None,
+        "params": {"trainable_without_head": 294912},
+    }
+
+
+def test_table_mean_std_median_and_failed_cells(tmp_path, capsys):
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    recs = [make_record(f"a{s}", "lora", "rte", s, v) for s, v in [(1, 70.0), (2, 72.0), (3, 80.0)]]
+    recs += [
+        make_record("b1", "lora", "sst2", 1, 90.0),
+        make_record("c1", "bitfit", "rte", 1, 0, status="failed"),
+    ]
+    for r in recs:
+        (folder / f"{r['run_id']}.json").write_text(json.dumps(r))
+    assert main(["table", "exp", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "74.00 ± 5.29 (n=3)" in out and "0.295M" in out and "failed" in out
+    assert "82.00" in out  # Avg of the lora row: (74 + 90) / 2
+    assert (
+        main(
+            [
+                "table",
+                "exp",
+                "--results",
+                str(tmp_path),
+                "--stat",
+                "median",
+                "--format",
+                "csv",
+                "--out",
+                str(tmp_path / "t.csv"),
+            ]
+        )
+        == 0
+    )
+    assert "72.00 ± 5.29 (n=3)" in (tmp_path / "t.csv").read_text()
+    assert main(["table", "exp", "--results", str(tmp_path), "--format", "latex"]) == 0
+    assert "\\toprule" in capsys.readouterr().out
+
+
+def test_list_names_every_group_with_descriptions(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("method:", "lora", "model:", "minilm", "task:", "multirc", "train:", "experiment:"):
+        assert needle in out
+    assert "_classification" not in out
+
+
+def test_unknown_verb(capsys):
+    assert main(["trian"]) == 2
+    assert "did you mean 'train'" in capsys.readouterr().err
+
+
+def test_results_dir_not_writable(tmp_path, capsys, monkeypatch):
+    require_data()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if os.access(ro, os.W_OK):  # root ignores permission bits: use a path under a regular file instead
+        ro = Path(tmp_path / "file")
+        ro.write_text("")
+        ro = ro / "sub"
+    monkeypatch.setenv("PEFTBENCH_RESULTS_DIR", str(ro))
+    assert main(["train", "model=tiny-bert", "task=rte", *QUICK]) == 2
+    err = capsys.readouterr().err
+    assert "is not writable" in err and "paths.results" in err

@@ -1,8 +1,9 @@
 """`peftbench VERB`: train | list | params | table.
 
 `train` is a Hydra app (overrides, -m sweeps, launchers); the other verbs are plain argparse commands that
-compose the same configs. Every bad input ends as one line on stderr and a non-zero exit code; set
-PEFTBENCH_DEBUG=1 (or HYDRA_FULL_ERROR=1) for the traceback.
+compose the same configs. Every bad input ends as one line on stderr and a non-zero exit code; pass --debug
+(anywhere: `peftbench --debug train ...`, `peftbench train --debug ...`) or set PEFTBENCH_DEBUG=1 (or
+HYDRA_FULL_ERROR=1) for the traceback.
 """
 
 from __future__ import annotations
@@ -27,12 +28,27 @@ VERBS = ("train", "list", "params", "table")
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" not in argv:
+        return _main(argv)
+    saved = {k: os.environ.get(k) for k in ("PEFTBENCH_DEBUG", "HYDRA_FULL_ERROR")}
+    os.environ.update(PEFTBENCH_DEBUG="1", HYDRA_FULL_ERROR="1")  # Hydra reads its own variable
+    try:
+        return _main([a for a in argv if a != "--debug"])
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _main(argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `peftbench list | head` ends quietly
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes from peft
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip().splitlines()[0])
-        print(f"usage: peftbench {{{','.join(VERBS)}}} ...   (peftbench VERB --help for each)")
+        print(f"usage: peftbench [--debug] {{{','.join(VERBS)}}} ...   (peftbench VERB --help for each)")
         return 0
     verb, rest = argv[0], argv[1:]
     try:
@@ -47,10 +63,22 @@ def main(argv: list[str] | None = None) -> int:
         raise choice_error("verb", verb, VERBS)
     except UserError as e:
         return fail(e)
+    except KeyboardInterrupt:
+        if debug():
+            raise
+        print(
+            "peftbench: interrupted; rerun the same command to resume from the last checkpoint",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def debug() -> bool:
+    return os.environ.get("PEFTBENCH_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 def fail(e: BaseException) -> int:
-    if os.environ.get("PEFTBENCH_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1":
+    if debug():
         raise e
     print(f"peftbench: error: {e}", file=sys.stderr)
     return 2

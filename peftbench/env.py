@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import subprocess
@@ -67,9 +68,31 @@ def device_info(device: torch.device) -> dict:
         info.update(
             name=torch.cuda.get_device_name(device),
             count=torch.cuda.device_count(),
-            deterministic_needs="CUBLAS_WORKSPACE_CONFIG=:4096:8 and torch.use_deterministic_algorithms(True)",
         )
     return info
+
+
+def determinism(device: torch.device) -> dict:
+    """What it takes to get this run's numbers again, bit for bit, and whether this run had it."""
+    flags = {
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    }
+    gpu_ready = (
+        flags["deterministic_algorithms"]
+        and not flags["cudnn_benchmark"]
+        and flags["cublas_workspace_config"] in (":4096:8", ":16:8")
+    )
+    return {
+        "bit_identical": device.type == "cpu" or gpu_ready,
+        "cpu": "same config, seed, torch threads (device.threads) and package versions: bit-identical, also "
+        "after a resume from a checkpoint",
+        "gpu": "also needs CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment before start, "
+        "torch.use_deterministic_algorithms(True), torch.backends.cudnn.benchmark=False, and the same GPU "
+        "model, driver, CUDA, torch and number of processes; mixed precision stays deterministic under these",
+        **flags,
+    }
 
 
 def reset_peak_memory(device: torch.device) -> None:

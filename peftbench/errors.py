@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import errno
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -21,3 +23,18 @@ def choice_error(what: str, value: object, choices: Iterable[str]) -> UserError:
 def require(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
+
+
+@contextmanager
+def disk_full_is_user_error(what: str, keeps: str = "") -> Iterator[None]:
+    """ENOSPC while writing `what` -> one line that says what was kept and how to go on; other OSErrors pass."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        kept = f"; {keeps}" if keeps else ""
+        raise UserError(
+            f"disk full while writing {what}: free space there (or set paths.results=DIR on another disk) "
+            f"and rerun{kept}"
+        ) from None

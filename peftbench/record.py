@@ -18,7 +18,16 @@ from omegaconf import DictConfig, OmegaConf
 from peftbench.errors import UserError
 
 # train.* settings that do not change what a run computes (where it writes, how it reports progress).
-NON_SEMANTIC_TRAIN_KEYS = {"force", "progress", "log_every", "save_adapter", "eval_batch_size"}
+NON_SEMANTIC_TRAIN_KEYS = {
+    "force",
+    "progress",
+    "log_every",
+    "save_adapter",
+    "eval_batch_size",
+    "checkpoint_every",  # a resumed run ends bit-identical to an uninterrupted one
+    "lock_wait_s",
+    "lock_stale_s",
+}
 
 
 def run_key(cfg: DictConfig) -> dict[str, Any]:

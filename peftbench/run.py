@@ -7,9 +7,14 @@ plain accelerate loop (no Trainer), so losses, evaluation, timing and memory are
 from __future__ import annotations
 
 import math
+import os
 import random
+import shutil
+import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +26,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from peftbench import checkpoint
 from peftbench import metrics as M
+from peftbench.checkpoint import Progress, Resume, set_rng_states
 from peftbench.data import Batcher, LengthGroupedBatches, encode, feature_length
-from peftbench.env import device_info, git_sha, peak_memory_mib, reset_peak_memory, versions
-from peftbench.errors import UserError
+from peftbench.env import determinism, device_info, git_sha, peak_memory_mib, reset_peak_memory, versions
+from peftbench.errors import UserError, disk_full_is_user_error
+from peftbench.faults import kill_point
+from peftbench.lock import RunLock, describe, try_lock
 from peftbench.methods import apply_method, finish, save_trainable
 from peftbench.models import count, family, load_model
 from peftbench.record import check_writable, read_record, run_id, write_record
@@ -33,43 +42,112 @@ from peftbench.validate import validate
 
 
 def execute(cfg: DictConfig) -> dict[str, Any]:
-    """Run one config to one record; skip it if a finished record exists (unless train.force)."""
+    """Run one config to one record. A finished run is skipped (unless train.force); a run that another
+    process holds (its lock) is skipped or waited for; an interrupted run resumes from its last checkpoint."""
     validate(cfg)
     out_dir = Path(cfg.paths.results) / cfg.name
     rid = run_id(cfg)
     path = out_dir / f"{rid}.json"
-    if path.exists() and not cfg.train.force:
-        old = read_record(path)
-        if old.get("status") == "finished":
-            print(f"[peftbench] skip {rid}: finished record {path}")
-            return old
+    if not cfg.train.force and (done := finished(path)):
+        return done
     check_writable(out_dir)
+    lock_path = out_dir / f"{rid}.lock"
+    lock = acquire_lock(lock_path, cfg.train)
+    if lock is None:
+        print(f"[peftbench] skip {rid}: running in {describe(lock_path)} (lock {lock_path})")
+        return read_record(path) if path.exists() else {"run_id": rid, "status": "running"}
+    try:
+        if not cfg.train.force and (done := finished(path)):  # it finished while we waited for the lock
+            return done
+        with sigterm_as_interrupt():
+            return run_locked(cfg, rid, path)
+    finally:
+        lock.release()
+
+
+def finished(path: Path) -> dict[str, Any] | None:
+    if path.exists() and (old := read_record(path)).get("status") == "finished":
+        print(f"[peftbench] skip {old['run_id']}: finished record {path}")
+        return old
+    return None
+
+
+def acquire_lock(path: Path, t: DictConfig) -> RunLock | None:
+    """The run's lock; while another live process holds it, wait up to train.lock_wait_s, then give up."""
+    deadline = time.monotonic() + float(t.lock_wait_s or 0)
+    while (lock := try_lock(path, float(t.lock_stale_s))) is None:
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+    return lock
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's preemption, `kill`) ends the run as interrupted, with the record written."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (some launchers): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_locked(cfg: DictConfig, rid: str, path: Path) -> dict[str, Any]:
+    artifacts = path.parent / rid
+    if cfg.train.force:
+        checkpoint.clear(artifacts / "checkpoint")  # a forced rerun starts from scratch
+    else:
+        checkpoint.clean_temp(artifacts / "checkpoint")  # half-written by a killed process
     record = new_record(cfg, rid)
-    write_record(path, record)
+    save_record(path, record)
     t_start = time.perf_counter()
     try:
-        train_and_evaluate(cfg, record, out_dir / rid)
+        train_and_evaluate(cfg, record, artifacts, path)
         record["status"] = "finished"
-    except KeyboardInterrupt:
-        record.update(status="interrupted", error="KeyboardInterrupt")
+    except KeyboardInterrupt as e:
+        record.update(status="interrupted", error=f"KeyboardInterrupt {e}".strip())
         raise
     except torch.OutOfMemoryError:
         record.update(status="failed", error="out of memory")
         raise UserError(
             f"out of memory at train.batch_size={cfg.train.batch_size}; lower it and raise train.grad_accum "
-            "to keep the effective batch"
+            f"(now {cfg.train.grad_accum}) to keep the effective batch"
         ) from None
+    except UserError as e:
+        record.update(status="failed", error=str(e))
+        raise
     except Exception as e:
         record.update(status="failed", error=f"{type(e).__name__}: {e}")
         raise
     finally:
         record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         record["wall_s"] = round(time.perf_counter() - t_start, 2)
-        write_record(path, record)
+        try:
+            save_record(path, record)
+        except UserError:
+            if record["status"] == "finished":
+                raise
+            # already failing: the first error is the one to report
+    checkpoint.clear(artifacts / "checkpoint")  # the record is final; the checkpoint has done its job
     print(
         f"[peftbench] {rid}: best {record['main_metric']}={record['best']['metrics'][record['main_metric']]:.2f} -> {path}"
     )
     return record
+
+
+def save_record(path: Path, record: dict[str, Any]) -> None:
+    with disk_full_is_user_error(
+        f"the record {path}", "the last checkpoint is kept and the rerun resumes from it"
+    ):
+        write_record(path, record)
 
 
 def new_record(cfg: DictConfig, rid: str) -> dict[str, Any]:
@@ -87,6 +165,7 @@ def new_record(cfg: DictConfig, rid: str) -> dict[str, Any]:
         "versions": versions(),
         "git_sha": git_sha(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "checkpoint": {"every": cfg.train.checkpoint_every},
     }
 
 
@@ -103,6 +182,7 @@ class Setup:
     train_loader: DataLoader
     eval_loader: DataLoader
     batcher: Batcher
+    generator: torch.Generator  # draws the train order; its state at an epoch's start fixes that epoch
 
 
 def prepare(cfg: DictConfig, record: dict[str, Any]) -> Setup:
@@ -133,20 +213,22 @@ def prepare(cfg: DictConfig, record: dict[str, Any]) -> Setup:
     record["data"] = {"sources": task.sources, "n_train": len(train), "n_eval": len(evals)}
     if cfg.task.get("n_shot"):
         record["data"]["train_ids"] = [r["idx"] for r in task.train]
-    return Setup(model, task, train_loader, eval_loader, batcher)
+    return Setup(model, task, train_loader, eval_loader, batcher, generator)
 
 
-def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path) -> None:
+def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path, record_path: Path) -> None:
     t = cfg.train
     s = prepare(cfg, record)
     cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
     acc = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, cpu=cpu)
     record["device"] = device_info(acc.device)
+    record["determinism"] = determinism(acc.device)
     params = [p for p in s.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
         params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.adam_betas), eps=t.adam_eps
     )
-    steps_per_epoch = math.ceil(len(s.train_loader) / t.grad_accum)
+    n_batches = len(s.train_loader)
+    steps_per_epoch = math.ceil(n_batches / t.grad_accum)
     total_steps = int(t.max_steps) if t.max_steps else steps_per_epoch * int(t.epochs)
     sched = get_linear_schedule_with_warmup(opt, int(t.warmup_ratio * total_steps), total_steps)
     model, opt, train_loader, eval_loader, sched = acc.prepare(
@@ -155,17 +237,29 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path)
     eval_every = steps_per_epoch if t.eval_every == "epoch" else int(t.eval_every)
     main = cfg.task.main_metric
     better = M.higher_is_better(main)
+    ckpt = Checkpointer(artifacts / "checkpoint", t.checkpoint_every, n_batches, acc, opt, sched, s.generator)
+    ckpt.meta = {"run_id": record["run_id"], "n_batches": n_batches, "total_steps": total_steps}
+    p, best_state, resume = Progress(), None, ckpt.load(acc.unwrap_model(model))
+    if resume:
+        p, best_state = resume.progress, resume.best
+        record["checkpoint"]["resumed_from_step"] = p.step
+        print(f"[peftbench] resume from step {p.step} (epoch {p.epoch}, batch {p.batch}): {resume.path}")
 
     reset_peak_memory(acc.device)
-    evals, losses, best, best_value, best_state = [], [], None, None, None
-    step = tokens = samples = 0
-    train_time = eval_time = 0.0
-    bar = tqdm(total=total_steps, desc=record["run_id"][:40], disable=not t.progress, leave=False)
-    epoch = 0
+    bar = tqdm(
+        total=total_steps, initial=p.step, desc=record["run_id"][:40], disable=not t.progress, leave=False
+    )
     t_prev = time.perf_counter()  # train time counts data loading + step, not evaluation
-    while step < total_steps:
+    while p.step < total_steps:
+        epoch_start = s.generator.get_state()  # the data order of this epoch follows from it
+        batches = iter(train_loader)
+        for _ in range(p.batch):  # resumed mid-epoch: replay the order, skip what was trained on
+            next(batches)
+        if resume:  # RNG states as they were at the checkpoint (after this epoch's order was drawn)
+            set_rng_states(resume)
+            resume = None
         model.train()
-        for batch in train_loader:
+        for batch in batches:
             with acc.accumulate(model):
                 loss = s.batcher.loss(model, batch)
                 acc.backward(loss)
@@ -174,52 +268,80 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-            tokens += int(batch["attention_mask"].sum())
-            samples += len(batch["labels"])
+            p.batch += 1
+            p.tokens += int(batch["attention_mask"].sum())
+            p.samples += len(batch["labels"])
             if not acc.sync_gradients:
                 continue
-            step += 1
-            losses.append(round(loss.item(), 5))
+            p.step += 1
+            p.losses.append(round(loss.item(), 5))
             now = time.perf_counter()
-            train_time += now - t_prev
-            t_prev = now
+            p.train_s += now - t_prev
             bar.update(1)
-            if step % t.log_every == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-t.log_every :]):.4f}")
-            if step % eval_every == 0 or step == total_steps:
+            if p.step % t.log_every == 0:
+                bar.set_postfix(loss=f"{np.mean(p.losses[-t.log_every :]):.4f}")
+            kill_point("step", p.step)
+            if p.step % eval_every == 0 or p.step == total_steps:
                 t1 = time.perf_counter()
                 result = evaluate(model, eval_loader, s, cfg)
-                eval_time += time.perf_counter() - t1
-                result.update(step=step, epoch=round(step / steps_per_epoch, 3))
-                evals.append(result)
+                p.eval_s += time.perf_counter() - t1
+                result.update(step=p.step, epoch=round(p.step / steps_per_epoch, 3))
+                p.evals.append(result)
                 print(
-                    f"[peftbench] step {step}/{total_steps} "
+                    f"[peftbench] step {p.step}/{total_steps} "
                     + " ".join(f"{k}={v:.2f}" for k, v in result["metrics"].items())
                 )
                 value = result["metrics"][main]
-                if best is None or (value > best_value if better else value < best_value):
-                    best, best_value = result, value
+                if p.best is None or (
+                    value > p.best["metrics"][main] if better else value < p.best["metrics"][main]
+                ):
+                    p.best, p.best_step = result, p.step
                     best_state = trainable_state(acc.unwrap_model(model))
                 model.train()
-                t_prev = time.perf_counter()
-            if step >= total_steps:
+            if p.step >= total_steps:
                 break
-        epoch += 1
+            if ckpt.due(p):
+                ckpt.save(p, acc.unwrap_model(model), best_state, epoch_start)
+                record.update(evals=p.evals, best=p.best)  # the record keeps the evaluations so far
+                save_record(record_path, record)
+            t_prev = time.perf_counter()
+        else:
+            p.epoch, p.batch = p.epoch + 1, 0
     bar.close()
-
+    finish_record(cfg, record, acc, acc.unwrap_model(model), best_state, p, steps_per_epoch)
+    record["checkpoint"].update(saved=ckpt.saved, bytes=ckpt.bytes)
     model = acc.unwrap_model(model)
     model.load_state_dict(best_state, strict=False)
-    record["evals"], record["best"] = evals, best
+    if t.save_adapter:
+        record["adapter"] = save_adapter(model, artifacts / "adapter")
+    if cfg.method.get("merge"):
+        model = finish(model)
+        record["final"] = evaluate(model, eval_loader, s, cfg)
+        record["final"]["merged"] = True
+
+
+def finish_record(
+    cfg: DictConfig,
+    record: dict[str, Any],
+    acc: Accelerator,
+    model,
+    best_state,
+    p: Progress,
+    steps_per_epoch: int,
+) -> None:
+    t = cfg.train
+    losses, train_time = p.losses, p.train_s
+    record["evals"], record["best"] = p.evals, p.best
     record["train"] = {
-        "steps": step,
-        "epochs": round(step / steps_per_epoch, 3),
-        "samples": samples,
-        "tokens": tokens,
+        "steps": p.step,
+        "epochs": round(p.step / steps_per_epoch, 3),
+        "samples": p.samples,
+        "tokens": p.tokens,
         "train_s": round(train_time, 3),
-        "eval_s": round(eval_time, 3),
-        "s_per_step": round(train_time / max(step, 1), 5),
-        "tokens_per_s": round(tokens / max(train_time, 1e-9), 1),
-        "samples_per_s": round(samples / max(train_time, 1e-9), 2),
+        "eval_s": round(p.eval_s, 3),
+        "s_per_step": round(train_time / max(p.step, 1), 5),
+        "tokens_per_s": round(p.tokens / max(train_time, 1e-9), 1),
+        "samples_per_s": round(p.samples / max(train_time, 1e-9), 2),
         "loss_first": losses[0] if losses else None,
         "loss_last": float(np.mean(losses[-max(1, min(len(losses), t.log_every)) :])) if losses else None,
         "loss_curve": losses[:: max(1, len(losses) // 200)],
@@ -228,15 +350,76 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path)
         "peak_mib": peak_memory_mib(acc.device),
         "kind": "cuda_max_allocated" if acc.device.type == "cuda" else "cpu_max_rss",
     }
-    if t.save_adapter:
-        folder = artifacts / "adapter"
-        fmt = save_trainable(model, folder)
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-        record["adapter"] = {"path": str(folder), "format": fmt, "bytes": size}
-    if cfg.method.get("merge"):
-        model = finish(model)
-        record["final"] = evaluate(model, eval_loader, s, cfg)
-        record["final"]["merged"] = True
+
+
+def save_adapter(model: torch.nn.Module, folder: Path) -> dict[str, Any]:
+    """The trained parameters (peft format for peft methods), swapped in atomically like a checkpoint."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    with disk_full_is_user_error(
+        f"the adapter {folder}", "the last checkpoint is kept and the rerun resumes from it"
+    ):
+        try:
+            fmt = save_trainable(model, tmp)
+            checkpoint.replace_dir(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"path": str(folder), "format": fmt, "bytes": checkpoint.size(folder)}
+
+
+class Checkpointer:
+    """When to checkpoint (train.checkpoint_every: epoch | N optimizer steps | null) and what goes in."""
+
+    def __init__(self, folder: Path, every, n_batches: int, acc: Accelerator, opt, sched, generator):
+        self.folder, self.every, self.n_batches = folder, every, n_batches
+        self.acc, self.opt, self.sched, self.generator = acc, opt, sched, generator
+        self.meta: dict[str, Any] = {}
+        self.saved, self.bytes = 0, None
+
+    def due(self, p: Progress) -> bool:
+        if self.every is None:
+            return False
+        if self.every == "epoch":
+            return p.batch == self.n_batches
+        return p.step % int(self.every) == 0
+
+    def save(self, p: Progress, model: torch.nn.Module, best_state, epoch_start: torch.Tensor) -> None:
+        at_end = p.batch == self.n_batches  # store "next epoch, batch 0": nothing to replay on resume
+        saved = replace(p, epoch=p.epoch + 1, batch=0) if at_end else p
+        state = {
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "data": self.generator.get_state() if at_end else epoch_start,
+        }
+        if self.acc.scaler is not None:
+            state["scaler"] = self.acc.scaler.state_dict()
+        keeps = "the previous checkpoint is kept and the rerun resumes from it"
+        with disk_full_is_user_error(f"the checkpoint of step {p.step} to {self.folder}", keeps):
+            self.bytes = checkpoint.save(
+                self.folder, saved, trainable_state(model), best_state, state, self.meta
+            )
+        self.saved += 1
+
+    def load(self, model: torch.nn.Module) -> Resume | None:
+        resume = checkpoint.load(self.folder, self.meta)
+        if resume is None:
+            return None
+        load_trainable(model, resume.trainable, resume.path)
+        self.opt.load_state_dict(resume.state["optimizer"])
+        self.sched.load_state_dict(resume.state["scheduler"])
+        if self.acc.scaler is not None and "scaler" in resume.state:
+            self.acc.scaler.load_state_dict(resume.state["scaler"])
+        self.generator.set_state(resume.state["data"])
+        return resume
+
+
+def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    if names != set(state):
+        raise UserError(
+            f"checkpoint {where} holds other trainable parameters than this run's model; delete it (or rerun "
+            "with train.force=true) to start over"
+        )
+    model.load_state_dict(state, strict=False)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

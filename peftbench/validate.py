@@ -36,6 +36,13 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"train.weight_decay={t.weight_decay!r}: must be >= 0")
     if t.eval_every != "epoch":
         _positive(t.eval_every, "train.eval_every")
+    if t.checkpoint_every not in ("epoch", None):
+        _positive(t.checkpoint_every, "train.checkpoint_every")
+    if isinstance(t.lock_wait_s, bool) or not isinstance(t.lock_wait_s, (int, float)) or t.lock_wait_s < 0:
+        raise UserError(
+            f"train.lock_wait_s={t.lock_wait_s!r}: must be a number of seconds >= 0 (0: skip at once)"
+        )
+    _positive(t.lock_stale_s, "train.lock_stale_s", (int, float))
     if t.mixed_precision not in ("no", "bf16", "fp16"):
         raise choice_error("train.mixed_precision", t.mixed_precision, ["no", "bf16", "fp16"])
     if t.device not in ("auto", "cpu", "cuda"):

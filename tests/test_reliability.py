@@ -1,0 +1,443 @@
+"""Reliability: a killed run resumes to exactly the record of an uninterrupted one; checkpoints and records are
+atomic; one process per run id (locks, stale-lock take-over); every bad input is one line, no traceback."""
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QUICK, require_data
+from safetensors.torch import load_file
+
+from peftbench import checkpoint
+from peftbench.cli import main
+from peftbench.errors import UserError
+from peftbench.record import run_id
+from peftbench.run import execute
+
+# 64 RTE pairs, batch 8: 8 steps per epoch, 2 epochs, a checkpoint every 2 steps. One torch thread: on a
+# shared 2-core machine it is several times faster than two, and it fixes the reduction order.
+SMALL = [
+    "model=tiny-bert",
+    "task=rte",
+    "task.max_length=64",
+    "train.max_train_samples=64",
+    "train.batch_size=8",
+    "train.max_eval_samples=16",
+    "train.epochs=2",
+    "train.checkpoint_every=2",
+    "train.lr=1e-2",
+    "train.progress=false",
+    "train.num_threads=1",
+]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads(tmp_path, monkeypatch):
+    """train.num_threads sets torch's threads for the whole process; give other tests theirs back."""
+    monkeypatch.setenv("PEFTBENCH_LOG_DIR", str(tmp_path / "logs"))  # Hydra's logs out of the repo
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(*args, env=None, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "peftbench.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+        **kw,
+    )
+
+
+def comparable(rec: dict) -> dict:
+    """What must not change across an interruption: everything computed; not timings, paths, counters of
+    this process."""
+    train = {k: rec["train"][k] for k in ("steps", "epochs", "samples", "tokens", "loss_first", "loss_last")}
+    return {
+        "status": rec["status"],
+        "evals": rec["evals"],
+        "best": rec["best"],
+        "final": rec.get("final"),
+        "loss_curve": rec["train"]["loss_curve"],
+        "train": train,
+        "params": rec["params"],
+    }
+
+
+def adapter_tensors(rec: dict) -> dict:
+    folder = Path(rec["adapter"]["path"])
+    return {f.name: load_file(str(f)) for f in sorted(folder.glob("*.safetensors"))}
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+        for x, y in zip(a.values(), b.values())
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run (in-process: no start-up cost), shared by the fault tests."""
+    require_data()
+    from peftbench.cli import compose
+
+    threads = torch.get_num_threads()
+    results = tmp_path_factory.mktemp("reference")
+    rec = execute(compose([*SMALL, f"paths.results={results}"]))
+    torch.set_num_threads(threads)
+    return rec
+
+
+# --- fault tests: SIGKILL, rerun, same record -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kill_at,resume_step",
+    [
+        ("step:11", 10),  # mid-epoch 2, after epoch 1's evaluation: replays 2 batches of epoch 2
+        ("checkpoint:6", 4),  # inside the write of step 6's checkpoint: step 4's must survive
+    ],
+)
+def test_killed_run_resumes_to_the_uninterrupted_record(tmp_path, reference, kill_at, resume_step):
+    env = {"PEFTBENCH_RESULTS_DIR": str(tmp_path / "results"), "PEFTBENCH_LOG_DIR": str(tmp_path / "logs")}
+    killed = run_cli("train", *SMALL, env={**env, "PEFTBENCH_TEST_KILL_AT": kill_at})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    folder = tmp_path / "results" / "runs"
+    rid = reference["run_id"]
+    assert json.loads((folder / f"{rid}.json").read_text())["status"] == "running"
+    saved = json.loads((folder / rid / "checkpoint" / "progress.json").read_text())
+    assert saved["progress"]["step"] == resume_step
+    if kill_at.startswith("checkpoint"):  # the half-written one is a temp folder, never `checkpoint/`
+        (tmp,) = (folder / rid).glob(".checkpoint.tmp-*")
+        assert (tmp / "trainable.safetensors").exists() and not (tmp / "progress.json").exists()
+
+    rerun = run_cli("train", *SMALL, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"resume from step {resume_step}" in rerun.stdout and "took over stale lock" in rerun.stdout
+    rec = json.loads((folder / f"{rid}.json").read_text())
+    assert comparable(rec) == comparable(reference)
+    assert same_tensors(adapter_tensors(rec), adapter_tensors(reference))  # the best state survived
+    assert rec["checkpoint"]["resumed_from_step"] == resume_step
+    assert not (folder / rid / "checkpoint").exists() and not list((folder / rid).glob(".checkpoint*"))
+    assert not (folder / f"{rid}.lock").exists()
+
+
+def interrupt_at(monkeypatch, step: int) -> None:
+    """In-process stand-in for SIGKILL: Ctrl-C at a step (the record then says `interrupted`)."""
+
+    def hook(where, at):
+        if where == "step" and at == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("peftbench.run.kill_point", hook)
+
+
+@pytest.mark.parametrize(
+    "extra,stop",
+    [
+        (["train.group_by_length=false", "train.checkpoint_every=3"], 5),  # shuffled DataLoader, mid-epoch
+        (["train.grad_accum=2", "train.checkpoint_every=epoch", "train.epochs=3"], 6),  # epoch boundary
+    ],
+)
+def test_interrupted_run_resumes_in_process(compose, monkeypatch, extra, stop):
+    require_data()
+    args = [*SMALL, *extra]
+    ref = execute(compose(*args, "name=ref"))
+    interrupt_at(monkeypatch, stop)
+    cfg = compose(*args)
+    with pytest.raises(KeyboardInterrupt):
+        execute(cfg)
+    path = Path(cfg.paths.results) / "runs" / f"{run_id(cfg)}.json"
+    assert json.loads(path.read_text())["status"] == "interrupted"
+    monkeypatch.setattr("peftbench.run.kill_point", lambda where, at: None)
+    rec = execute(cfg)
+    assert rec["checkpoint"]["resumed_from_step"] > 0
+    assert comparable(rec) == comparable(ref)
+    assert same_tensors(adapter_tensors(rec), adapter_tensors(ref))
+
+
+def test_force_ignores_old_checkpoint(compose, monkeypatch, capsys):
+    require_data()
+    interrupt_at(monkeypatch, 5)
+    cfg = compose(*SMALL)
+    with pytest.raises(KeyboardInterrupt):
+        execute(cfg)
+    monkeypatch.setattr("peftbench.run.kill_point", lambda where, at: None)
+    rec = execute(compose(*SMALL, "train.force=true"))
+    assert "resume" not in capsys.readouterr().out and "resumed_from_step" not in rec["checkpoint"]
+
+
+def test_checkpoint_swap_falls_back_to_the_previous_one(tmp_path, monkeypatch):
+    """A crash between the two renames leaves only `checkpoint.old/`: load finds it."""
+    folder = tmp_path / "checkpoint"
+    p = checkpoint.Progress(step=2)
+    state = {"data": torch.Generator().get_state()}
+    checkpoint.save(folder, p, {"w": torch.ones(2)}, None, state, {"run_id": "r"})
+    calls = []
+    real = os.replace
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "simulated crash")
+        real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash_on_second)
+    with pytest.raises(OSError):
+        checkpoint.save(
+            folder, checkpoint.Progress(step=4), {"w": torch.zeros(2)}, None, state, {"run_id": "r"}
+        )
+    monkeypatch.setattr(checkpoint.os, "replace", real)
+    assert not folder.exists() and (tmp_path / "checkpoint.old").is_dir()
+    resume = checkpoint.load(folder, {"run_id": "r"})
+    assert resume.progress.step == 2 and torch.equal(resume.trainable["w"], torch.ones(2))
+    with pytest.raises(UserError, match="run_id='r' but this run has 'other'"):
+        checkpoint.load(folder, {"run_id": "other"})
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(compose, monkeypatch, capsys):
+    require_data()
+    import peftbench.checkpoint as ck
+
+    real = ck.save_file
+    calls = []
+
+    def full_on_third(tensors, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path)
+
+    monkeypatch.setattr(ck, "save_file", full_on_third)
+    cfg = compose(*SMALL)
+    assert main(["train", *SMALL, f"paths.results={cfg.paths.results}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "disk full while writing the checkpoint of step" in err and "free space" in err
+    assert "\n" not in err and "Traceback" not in err
+    rid = run_id(cfg)
+    folder = Path(cfg.paths.results) / "runs"
+    saved = json.loads((folder / rid / "checkpoint" / "progress.json").read_text())["progress"]
+    assert saved["step"] == 4  # the last complete one: the write of step 6 failed
+    assert not list((folder / rid).glob(".checkpoint.tmp-*"))
+    rec = json.loads((folder / f"{rid}.json").read_text())
+    assert rec["status"] == "failed" and "disk full" in rec["error"]
+
+
+# --- determinism ------------------------------------------------------------------------------------------
+
+
+def test_two_identical_cpu_runs_are_bit_identical(compose):
+    require_data()
+    a = execute(compose(*SMALL, "train.force=true"))
+    b = execute(compose(*SMALL, "train.force=true"))
+    assert comparable(a) == comparable(b) and same_tensors(adapter_tensors(a), adapter_tensors(b))
+    d = a["determinism"]
+    assert d["bit_identical"] is True and "CUBLAS_WORKSPACE_CONFIG=:4096:8" in d["gpu"]
+
+
+# --- locks ------------------------------------------------------------------------------------------------
+
+
+def test_two_concurrent_trains_write_one_record(tmp_path):
+    require_data()
+    env = {"PEFTBENCH_RESULTS_DIR": str(tmp_path / "results"), "PEFTBENCH_LOG_DIR": str(tmp_path / "logs")}
+    args = [sys.executable, "-m", "peftbench.cli", "train", *SMALL]
+    procs = [
+        subprocess.Popen(
+            args, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+    trained = [o for o, _ in outs if "best accuracy=" in o]
+    skipped = [o for o, _ in outs if "skip" in o]
+    assert len(trained) == 1 and len(skipped) == 1, outs
+    # Usually the lock decides ("running in pid ..."); if one finished before the other started, the record.
+    assert "running in pid" in skipped[0] or "finished record" in skipped[0]
+    folder = tmp_path / "results" / "runs"
+    assert len(list(folder.glob("*.json"))) == 1 and not list(folder.glob("*.lock"))
+
+
+def write_lock(path: Path, pid: int, host: str | None = None, age_s: float = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = {"pid": pid, "host": host or socket.gethostname(), "started": "then", "token": "x"}
+    path.write_text(json.dumps(info))
+    if age_s:
+        os.utime(path, (time.time() - age_s, time.time() - age_s))
+
+
+def lock_path(cfg) -> Path:
+    return Path(cfg.paths.results) / "runs" / f"{run_id(cfg)}.lock"
+
+
+def test_held_lock_skips_or_waits(compose, capsys):
+    require_data()
+    cfg = compose(*QUICK, "model=tiny-bert", "task=rte", "train.lock_wait_s=1")
+    write_lock(lock_path(cfg), os.getpid())  # a live process: this one
+    t0 = time.monotonic()
+    rec = execute(cfg)
+    assert time.monotonic() - t0 >= 1  # waited train.lock_wait_s, then gave up
+    assert rec["status"] == "running" and f"running in pid {os.getpid()}" in capsys.readouterr().out
+    assert not (lock_path(cfg).with_suffix(".json")).exists() and lock_path(cfg).exists()
+
+
+@pytest.mark.parametrize(
+    "host,age_s,why", [(None, 0, "is not running"), ("elsewhere", 7200, "no heartbeat for")]
+)
+def test_stale_lock_is_taken_over(compose, capsys, host, age_s, why):
+    require_data()
+    cfg = compose(*QUICK, "model=tiny-bert", "task=rte", "train.lock_stale_s=3600")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid is free
+    write_lock(lock_path(cfg), dead.pid if host is None else os.getpid(), host, age_s)
+    rec = execute(cfg)
+    assert rec["status"] == "finished" and why in capsys.readouterr().out
+    assert not lock_path(cfg).exists()
+
+
+def test_fresh_lock_on_another_host_is_respected(compose, capsys):
+    require_data()
+    cfg = compose(*QUICK, "model=tiny-bert", "task=rte")
+    write_lock(lock_path(cfg), 1, "elsewhere")
+    assert execute(cfg)["status"] == "running" and "on elsewhere" in capsys.readouterr().out
+
+
+# --- bad input: one line naming the value, non-zero exit, no traceback -----------------------------------
+
+
+def fake_data(root: Path, train: str | None, dev: bool = True) -> Path:
+    """A data folder with RTE only: `train` as the train file's rows after the header."""
+    rte = root / "glue" / "RTE"
+    rte.mkdir(parents=True)
+    header = "index\tsentence1\tsentence2\tlabel\n"
+    good = "".join(f"{i}\tA cat sat.\tA cat is here.\tentailment\n" for i in range(8))
+    if train is not None:
+        (rte / "train.tsv").write_text(header + good + train)
+    if dev:
+        (rte / "dev.tsv").write_text(header + good)
+    return root
+
+
+def not_writable(tmp_path: Path) -> Path:
+    f = tmp_path / "a_file"
+    f.write_text("")
+    return f / "results"  # a folder under a regular file: not writable, even for root
+
+
+def full_disk(monkeypatch) -> None:
+    def save_file(tensors, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("peftbench.checkpoint.save_file", save_file)
+
+
+def out_of_memory(monkeypatch) -> None:
+    def loss(self, model, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("peftbench.data.Batcher.loss", loss)
+
+
+RTE = ["model=tiny-bert", "task=rte", *QUICK]
+# (case id, train args, set-up: fn(tmp_path, monkeypatch) -> env to set, text the one line must hold)
+BAD_INPUTS = [
+    ("unknown method", ["method=lorra"], None, "unknown method 'lorra' (did you mean 'lora'?)"),
+    ("unknown task", ["task=sst3"], None, "unknown task 'sst3' (did you mean 'sst2'"),
+    ("unknown model", ["model=roberta-bas"], None, "'roberta-bas' (did you mean 'roberta-base'"),
+    ("unknown key", ["train.batch_sise=8"], None, "batch_sise"),
+    ("rank 0", ["method.r=0"], None, "method.r=0: must be a positive integer"),
+    ("lr 0", ["train.lr=0"], None, "train.lr=0: must be a positive number"),
+    ("lr not a number", ["train.lr=abc"], None, "train.lr='abc': must be a positive number"),
+    ("fractional epochs", ["train.epochs=1.5"], None, "train.epochs=1.5: must be a positive integer"),
+    ("seed not an int", ["seed=x"], None, "seed='x': must be an integer"),
+    ("batch size 0", ["train.batch_size=0"], None, "train.batch_size=0"),
+    ("warmup out of range", ["train.warmup_ratio=1.5"], None, "train.warmup_ratio=1.5: must be in [0, 1)"),
+    ("max_length too small", ["task.max_length=4"], None, "task.max_length=4: too small"),
+    ("dropout out of range", ["method.dropout=1.5"], None, "method.dropout=1.5"),
+    ("checkpoint_every", ["train.checkpoint_every=sometimes"], None, "train.checkpoint_every='sometimes'"),
+    ("lock_wait_s", ["train.lock_wait_s=-1"], None, "train.lock_wait_s=-1"),
+    ("mixed precision", ["train.mixed_precision=fp32"], None, "unknown train.mixed_precision 'fp32'"),
+    ("device", ["train.device=tpu"], None, "unknown train.device 'tpu'"),
+    ("unknown metric", ["task.metrics=[acc]"], None, "unknown metric 'acc'"),
+    ("bitfit on t5", ["method=bitfit", "model=tiny-t5"], None, "method bitfit does not apply"),
+    ("ft_top2 k", ["method=ft_top2", "method.k=9", "model=tiny-bert"], None, "method.k=9 but"),
+    ("n_shot too large", [*RTE, "task.n_shot=100000"], None, "task.n_shot=100000 but rte has only"),
+    ("model.path missing", [*RTE, "model.path=/no/such/ckpt"], None, "model.path='/no/such/ckpt'"),
+    (
+        "hub unreachable",
+        [*QUICK, "model=roberta-base", "task=rte"],
+        None,
+        "cannot load 'FacebookAI/roberta-base'",
+    ),
+    (
+        "data dir missing",
+        RTE,
+        lambda tmp, mp: {"PEFTBENCH_DATA_DIR": str(tmp / "nowhere")},
+        "nowhere does not exist",
+    ),
+    (
+        "split file missing",
+        RTE,
+        lambda tmp, mp: {"PEFTBENCH_DATA_DIR": str(fake_data(tmp / "d", "", dev=False))},
+        "RTE/dev.tsv",
+    ),
+    (
+        "malformed row",
+        RTE,
+        lambda tmp, mp: {"PEFTBENCH_DATA_DIR": str(fake_data(tmp / "d", "8\tonly two fields\n"))},
+        "RTE/train.tsv:10: malformed row",
+    ),
+    (
+        "unknown label",
+        RTE,
+        lambda tmp, mp: {"PEFTBENCH_DATA_DIR": str(fake_data(tmp / "d", "8\tA.\tB.\tmaybe\n"))},
+        "unknown label 'maybe'",
+    ),
+    (
+        "results not writable",
+        RTE,
+        lambda tmp, mp: {"PEFTBENCH_RESULTS_DIR": str(not_writable(tmp))},
+        "a_file/results/runs' is not writable",
+    ),
+    (
+        "disk full",
+        [*SMALL, "train.max_steps=3"],
+        lambda tmp, mp: full_disk(mp),
+        "disk full while writing the checkpoint of step 2",
+    ),
+    ("out of memory", RTE, lambda tmp, mp: out_of_memory(mp), "out of memory at train.batch_size=8"),
+]
+
+
+@pytest.mark.parametrize("args,setup,expected", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, setup, expected):
+    monkeypatch.setenv("PEFTBENCH_RESULTS_DIR", str(tmp_path / "results"))
+    for key, value in ((setup(tmp_path, monkeypatch) if setup else None) or {}).items():
+        monkeypatch.setenv(key, value)
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "\n" not in err and "Traceback" not in err, err
+
+
+def test_unknown_verb_and_debug_flag(capsys):
+    assert main(["trian"]) == 2 and "unknown verb 'trian'" in capsys.readouterr().err
+    for argv in (["--debug", "train", "train.lr=0"], ["train", "--debug", "train.lr=0"]):
+        with pytest.raises(UserError, match="train.lr=0"):
+            main(argv)
+    assert "PEFTBENCH_DEBUG" not in os.environ  # the flag does not leak into later calls
+
+
+def test_debug_shows_the_traceback_in_a_real_process(tmp_path):
+    r = run_cli("--debug", "train", "seed=x", env={"PEFTBENCH_LOG_DIR": str(tmp_path)})
+    assert r.returncode != 0 and "Traceback" in r.stderr and "seed='x'" in r.stderr

@@ -66,7 +66,11 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
 
 
 def finished(path: Path) -> dict[str, Any] | None:
-    if path.exists() and (old := read_record(path)).get("status") == "finished":
+    try:
+        old = read_record(path)
+    except (OSError, ValueError):  # no record yet, or not one of ours: this run writes it
+        return None
+    if old.get("status") == "finished":
         print(f"[peftbench] skip {old['run_id']}: finished record {path}")
         return old
     return None
@@ -235,8 +239,6 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
         s.model, opt, s.train_loader, s.eval_loader, sched
     )
     eval_every = steps_per_epoch if t.eval_every == "epoch" else int(t.eval_every)
-    main = cfg.task.main_metric
-    better = M.higher_is_better(main)
     ckpt = Checkpointer(artifacts / "checkpoint", t.checkpoint_every, n_batches, acc, opt, sched, s.generator)
     ckpt.meta = {"run_id": record["run_id"], "n_batches": n_batches, "total_steps": total_steps}
     p, best_state, resume = Progress(), None, ckpt.load(acc.unwrap_model(model))
@@ -283,20 +285,9 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
             kill_point("step", p.step)
             if p.step % eval_every == 0 or p.step == total_steps:
                 t1 = time.perf_counter()
-                result = evaluate(model, eval_loader, s, cfg)
-                p.eval_s += time.perf_counter() - t1
-                result.update(step=p.step, epoch=round(p.step / steps_per_epoch, 3))
-                p.evals.append(result)
-                print(
-                    f"[peftbench] step {p.step}/{total_steps} "
-                    + " ".join(f"{k}={v:.2f}" for k, v in result["metrics"].items())
-                )
-                value = result["metrics"][main]
-                if p.best is None or (
-                    value > p.best["metrics"][main] if better else value < p.best["metrics"][main]
-                ):
-                    p.best, p.best_step = result, p.step
+                if track(p, evaluate(model, eval_loader, s, cfg), cfg, total_steps, steps_per_epoch):
                     best_state = trainable_state(acc.unwrap_model(model))
+                p.eval_s += time.perf_counter() - t1
                 model.train()
             if p.step >= total_steps:
                 break
@@ -308,8 +299,8 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
         else:
             p.epoch, p.batch = p.epoch + 1, 0
     bar.close()
-    finish_record(cfg, record, acc, acc.unwrap_model(model), best_state, p, steps_per_epoch)
-    record["checkpoint"].update(saved=ckpt.saved, bytes=ckpt.bytes)
+    finish_record(cfg, record, acc, p, steps_per_epoch)
+    record["checkpoint"].update(saved=ckpt.saved, bytes=ckpt.bytes)  # bytes: the last checkpoint's size
     model = acc.unwrap_model(model)
     model.load_state_dict(best_state, strict=False)
     if t.save_adapter:
@@ -320,14 +311,26 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
         record["final"]["merged"] = True
 
 
+def track(
+    p: Progress, result: dict[str, Any], cfg: DictConfig, total_steps: int, steps_per_epoch: int
+) -> bool:
+    """Log an evaluation into the progress; True if it is the best so far (the caller keeps its weights)."""
+    result.update(step=p.step, epoch=round(p.step / steps_per_epoch, 3))
+    p.evals.append(result)
+    print(
+        f"[peftbench] step {p.step}/{total_steps} "
+        + " ".join(f"{k}={v:.2f}" for k, v in result["metrics"].items())
+    )
+    main = cfg.task.main_metric
+    value, best = result["metrics"][main], p.best["metrics"][main] if p.best else None
+    if best is None or (value > best if M.higher_is_better(main) else value < best):
+        p.best, p.best_step = result, p.step
+        return True
+    return False
+
+
 def finish_record(
-    cfg: DictConfig,
-    record: dict[str, Any],
-    acc: Accelerator,
-    model,
-    best_state,
-    p: Progress,
-    steps_per_epoch: int,
+    cfg: DictConfig, record: dict[str, Any], acc: Accelerator, p: Progress, steps_per_epoch: int
 ) -> None:
     t = cfg.train
     losses, train_time = p.losses, p.train_s

@@ -1,4 +1,4 @@
-"""`peftbench VERB`: train | list | params | table.
+"""`peftbench VERB`: train | list | params | table | plot.
 
 `train` is a Hydra app (overrides, -m sweeps, launchers); the other verbs are plain argparse commands that
 compose the same configs. Every bad input ends as one line on stderr and a non-zero exit code; pass --debug
@@ -23,7 +23,7 @@ from peftbench.errors import UserError, choice_error
 from peftbench.paths import config_dir, group_options
 
 GROUPS = ("method", "model", "task", "train", "experiment")
-VERBS = ("train", "list", "params", "table")
+VERBS = ("train", "list", "params", "table", "plot")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +60,8 @@ def _main(argv: list[str]) -> int:
             return cmd_params(rest)
         if verb == "table":
             return cmd_table(rest)
+        if verb == "plot":
+            return cmd_plot(rest)
         raise choice_error("verb", verb, VERBS)
     except UserError as e:
         return fail(e)
@@ -94,15 +96,19 @@ def compose(overrides: list[str]) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    global _composing_from
     check_groups(overrides)
-    GlobalHydra.instance().clear()
+    if not GlobalHydra.instance().is_initialized() or _composing_from != config_dir():
+        GlobalHydra.instance().clear()
+        initialize_config_dir(config_dir=str(config_dir()), version_base="1.3")  # stays set: compose is fast
+        _composing_from = config_dir()
     try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            return hydra_compose("config", overrides=overrides)
+        return hydra_compose("config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise UserError(f"bad override in {' '.join(overrides)!r}: {str(e).splitlines()[0]}") from None
-    finally:
-        GlobalHydra.instance().clear()
+
+
+_composing_from = None
 
 
 def check_groups(overrides: list[str]) -> None:
@@ -147,9 +153,41 @@ def cmd_train(args: list[str]) -> int:
         return 0
     from peftbench.validate import validate
 
+    presets = [a.split("=", 1)[1] for a in args if a.startswith("experiment=")]
+    if presets:
+        return run_experiment(presets[0], [a for a in args if not a.startswith("experiment=")])
     for point in sweep_points(args):
         validate(compose(point))
     return run_hydra(args)
+
+
+def run_experiment(name: str, args: list[str]) -> int:
+    """The whole grid of a preset (or the `only=` slice), every point checked first, finished runs skipped.
+    A run that fails is recorded as failed and the grid goes on; the exit code says whether any failed."""
+    from peftbench.experiment import expand, load_preset
+    from peftbench.run import execute
+    from peftbench.validate import validate
+
+    only = next((a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("only=")), None)
+    extra = [a for a in args if not a.lstrip("+").startswith("only=") and a not in ("-m", "--multirun")]
+    points = expand(load_preset(name), extra, only)
+    if not points:
+        raise UserError(f"experiment {name}: only={only!r} selects no run")
+    configs = warm_started(load_preset(name), points, [compose(list(p.overrides)) for p in points], extra)
+    for cfg in configs:
+        validate(cfg)
+    failed = []
+    for i, (point, cfg) in enumerate(zip(points, configs), start=1):
+        print(f"[peftbench] {name} {i}/{len(points)}: {point.row} | {point.task} | seed {point.seed}")
+        try:
+            execute(cfg)
+        except UserError as e:
+            print(f"peftbench: error: {e}", file=sys.stderr)
+            failed.append(point)
+    if failed:
+        print(f"peftbench: {len(failed)} of {len(points)} runs failed (see their records)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_hydra(args: list[str]) -> int:
@@ -164,6 +202,9 @@ def run_hydra(args: list[str]) -> int:
         except UserError as e:
             sys.exit(fail(e))
 
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()  # the app initializes Hydra itself
     saved = sys.argv
     sys.argv = ["peftbench train", *args]
     try:
@@ -173,6 +214,27 @@ def run_hydra(args: list[str]) -> int:
     finally:
         sys.argv = saved
     return 0
+
+
+def warm_started(preset, points: list, configs: list[DictConfig], extra: list[str]) -> list[DictConfig]:
+    """Rows with `warm_start: {from: mnli, tasks: [...]}` start those tasks' LoRA from the same row and seed's
+    `from` run: its adapter folder (results/<name>/<run id>/adapter) becomes method.init_from."""
+    from peftbench.experiment import expand
+    from peftbench.record import run_id
+
+    rows = {r.label: r for r in preset.rows}
+    grid = {
+        (p.row, p.task, p.seed): p for p in expand(preset, extra)
+    }  # the sources, even if `only` skips them
+    out = []
+    for p, cfg in zip(points, configs):
+        ws = rows[p.row].get("warm_start")
+        if ws and p.task in ws.tasks:
+            source = compose(list(grid[(p.row, ws["from"], p.seed)].overrides))
+            folder = Path(source.paths.results) / source.name / run_id(source) / "adapter"
+            cfg = compose([*p.overrides, f"method.init_from={folder}"])
+        out.append(cfg)
+    return out
 
 
 def cmd_list(args: list[str]) -> int:
@@ -236,20 +298,89 @@ def cmd_table(args: list[str]) -> int:
         "--results", type=Path, default=None, help="results root (default: $PEFTBENCH_RESULTS_DIR or results)"
     )
     p.add_argument("--format", choices=("md", "csv", "latex"), default="md")
-    p.add_argument("--stat", choices=("mean", "median"), default="mean", help="over seeds (± std either way)")
+    p.add_argument(
+        "--stat",
+        choices=("mean", "median"),
+        default=None,
+        help="over seeds (default: the preset's protocol, else mean); ± std either way",
+    )
+    p.add_argument("--no-paper", action="store_true", help="leave out the paper's numbers")
     p.add_argument("--out", type=Path, default=None, help="also write the table to this file (atomically)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="regenerate every committed results/<name>.md and fail on any difference",
+    )
     a = p.parse_args(args)
-    from peftbench.record import load_records, write_atomic
-    from peftbench.report import records_table, render
+    from peftbench.record import write_atomic
 
-    root = a.results or Path(os.environ.get("PEFTBENCH_RESULTS_DIR", "results"))
-    records = load_records(root / a.name)
-    if not records:
-        raise UserError(f"no records in {root / a.name}; run `peftbench train name={a.name} ...` first")
-    text = render(records_table(records, a.stat), a.format)
+    root = a.results or results_root()
+    if a.check:
+        return check_tables(root)
+    text = make_table(root, a.name, a.format, a.stat, not a.no_paper)
     print(text)
     if a.out:
         write_atomic(a.out, text + "\n")
+    return 0
+
+
+def results_root() -> Path:
+    return Path(os.environ.get("PEFTBENCH_RESULTS_DIR", "results"))
+
+
+def make_table(root: Path, name: str, fmt: str = "md", stat: str | None = None, paper: bool = True) -> str:
+    from peftbench import experiment
+    from peftbench.record import load_records
+    from peftbench.report import records_table, render
+
+    records = load_records(root / name)
+    if experiment.is_preset(name):
+        return render(experiment.table(experiment.load_preset(name), records, stat, paper), fmt)
+    if not records:
+        raise UserError(f"no records in {root / name}; run `peftbench train name={name} ...` first")
+    return render(records_table(records, stat or "mean"), fmt)
+
+
+def check_tables(root: Path) -> int:
+    """Every committed table results/<name>.md must equal what its records give now."""
+    tables = sorted(root.glob("*.md"))
+    if not tables:
+        raise UserError(f"no committed tables (*.md) in {root}")
+    stale = [t.name for t in tables if t.read_text() != make_table(root, t.stem) + "\n"]
+    for t in tables:
+        print(f"{'STALE' if t.name in stale else 'ok'}: {t}")
+    if stale:
+        raise UserError(
+            f"{', '.join(stale)} differ from their records; regenerate with "
+            f"`peftbench table NAME --out {root}/NAME.md`"
+        )
+    return 0
+
+
+def cmd_plot(args: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="peftbench plot", description="Sweeps of an experiment preset -> PNG files."
+    )
+    p.add_argument("name", help="experiment preset with a `plots:` section")
+    p.add_argument("--results", type=Path, default=None)
+    p.add_argument("--stat", choices=("mean", "median"), default=None)
+    a = p.parse_args(args)
+    from peftbench import experiment
+    from peftbench.plot import draw
+    from peftbench.record import load_records
+
+    root = a.results or results_root()
+    preset = experiment.load_preset(a.name)
+    if not preset.get("plots"):
+        raise UserError(f"experiment {a.name} declares no plots")
+    records = load_records(root / a.name)
+    for spec in preset.plots:
+        series = experiment.plot_series(preset, spec, records, a.stat or preset.protocol.stat)
+        if not series:
+            raise UserError(f"plot {spec.file}: no finished runs of rows {list(spec.rows)} on {spec.task}")
+        path = root / a.name / spec.file
+        draw(series, spec, path)
+        print(f"wrote {path}")
     return 0
 
 

@@ -158,6 +158,7 @@ def new_record(cfg: DictConfig, rid: str) -> dict[str, Any]:
     return {
         "run_id": rid,
         "experiment": cfg.name,
+        "row": cfg.get("row"),
         "status": "running",
         "error": None,
         "method": cfg.method.name,

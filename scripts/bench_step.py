@@ -7,7 +7,7 @@ Each measurement runs in its own subprocess, so the peak memory of one (CPU: pea
 allocated) is not the peak of another. The bare loop replays the batches peftbench draws (same seed, same
 sampler), and both count data loading + forward + backward + optimizer step, not evaluation.
 
-    python scripts/bench_step.py                  # MiniLM on SST-2, 60 steps after 5 warm-up steps
+    python scripts/bench_step.py                  # MiniLM on SST-2, 60 steps, 3 alternating repeats
     python scripts/bench_step.py --steps 100 --model minilm --repeats 3
 """
 
@@ -160,7 +160,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="minilm")
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--repeats", type=int, default=2, help="alternating repeats; the median is reported")
+    p.add_argument("--repeats", type=int, default=3, help="alternating repeats")
     p.add_argument("--worker", choices=("peftbench", "bare"))
     p.add_argument("--method", default="lora")
     args = p.parse_args()
@@ -173,15 +173,20 @@ def main() -> None:
         runs["peftbench lora"].append(spawn("peftbench", "lora", args))
         runs["bare peft lora"].append(spawn("bare", "lora", args))
         runs["peftbench full"].append(spawn("peftbench", "full", args))
+    # step time: the fastest repeat (the one least disturbed by anything else on the machine); memory: median
     med = {
-        k: {m: statistics.median(r[m] for r in v) for m in ("s_per_step", "peak_mib", "tokens")}
+        k: {
+            "s_per_step": min(r["s_per_step"] for r in v),
+            **{m: statistics.median(r[m] for r in v) for m in ("peak_mib", "tokens")},
+        }
         for k, v in runs.items()
     }
     lora, bare, full = med["peftbench lora"], med["bare peft lora"], med["peftbench full"]
     device = runs["peftbench lora"][0]["device"]
+    memory = "peak allocated" if device == "cuda" else "peak RSS of the process"
     print(
         f"model={args.model} task=sst2 batch=32 steps={args.steps} device={device} repeats={args.repeats} "
-        f"(median); memory = {'peak allocated' if device == 'cuda' else 'peak RSS of the process'}"
+        f"(s/step: fastest repeat; memory: median, {memory})"
     )
     print(f"{'run':<16} {'s/step':>8} {'peak MiB':>9} {'tokens':>8}")
     for k, v in med.items():

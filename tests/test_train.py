@@ -166,3 +166,35 @@ def test_same_seed_same_metrics(compose, tmp_path):
     a = execute(compose(*args, "train.force=true"))
     b = execute(compose(*args, "train.force=true"))
     assert a["best"] == b["best"] and a["train"]["loss_curve"] == b["train"]["loss_curve"]
+
+
+def test_gradient_accumulation_counts_optimizer_steps(compose):
+    require_data()
+    quick = [o for o in QUICK if not o.startswith("train.max_train_samples")]
+    rec = execute(
+        compose(
+            "task=rte",
+            "model=tiny-bert",
+            "method=lora",
+            "train.grad_accum=2",
+            "train.max_train_samples=32",
+            *quick,
+        )
+    )
+    # 32 rows = 4 micro-batches of 8 = 2 optimizer steps per epoch; 3 steps = 6 micro-batches
+    assert rec["train"]["steps"] == 3 and rec["train"]["samples"] == 3 * 2 * 8
+
+
+def test_model_from_a_local_checkpoint_folder(compose, tmp_path):
+    require_data()
+    from peftbench.models import load_model
+
+    cfg = compose("model=tiny-bert")
+    model, tok = load_model(cfg.model, "classification", 2)
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    cfg = compose(
+        "model=tiny-bert", "model.source=hub", "model.tokenizer=null", f"model.path={tmp_path / 'ckpt'}"
+    )
+    again, _ = load_model(cfg.model, "classification", 2)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

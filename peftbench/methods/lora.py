@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from torch import nn
 
 from peftbench.errors import UserError
@@ -57,7 +59,30 @@ def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
         unfreeze_head(model, fam)
     if fused:
         add_fused_lora(model, fam, [SLICES.index(t) for t in fused], r, cfg.alpha, cfg.dropout)
+    if cfg.get("init_from") and next(model.parameters()).device.type != "meta":
+        warm_start(model, Path(cfg.init_from))
     return model
+
+
+def warm_start(model: nn.Module, folder: Path) -> None:
+    """Start from another run's LoRA A and B (not its head: the label sets differ), as the paper's
+    MRPC / RTE / STS-B runs start from the MNLI adapter."""
+    file = folder / "adapter_model.safetensors"
+    if not file.is_file():
+        raise UserError(
+            f"method.init_from={str(folder)!r} has no adapter_model.safetensors; run that task first"
+        )
+    lora = {k: v for k, v in load_file(str(file)).items() if "lora_" in k}
+    if not hasattr(model, "peft_config") or not lora:
+        raise UserError(f"method.init_from={str(folder)!r}: no LoRA weights to start from")
+    # peft saves "...query.lora_A.weight"; the live parameter is "...query.lora_A.default.weight"
+    named = {
+        k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+        for k, v in lora.items()
+    }
+    unexpected = model.load_state_dict(named, strict=False).unexpected_keys
+    if unexpected:
+        raise UserError(f"method.init_from={str(folder)!r} does not fit this model ({unexpected[0]})")
 
 
 class FusedLoRA(nn.Module):

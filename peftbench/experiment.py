@@ -1,0 +1,193 @@
+"""Experiment presets: one YAML under configs/experiment/ per paper table or figure.
+
+A preset declares rows (model x method x settings, with the paper's numbers), tasks, seeds, the reporting
+protocol and plots. `expand` turns it into runs (lists of overrides for `peftbench train`); `table` and
+`plot_data` turn the records back into the paper's layout. Records are matched to cells by the `row` label
+each run carries, so tables never parse folder or file names.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from peftbench.errors import UserError, choice_error
+from peftbench.paths import config_dir, group_options
+from peftbench.report import METRIC_SHORT, format_params
+
+FILTER_KEYS = ("row", "task", "seed", "model", "method")
+
+
+@dataclass(frozen=True)
+class Point:
+    row: str
+    model: str
+    method: str
+    task: str
+    seed: int
+    overrides: tuple[str, ...]
+
+
+def load_preset(name: str) -> DictConfig:
+    if name not in group_options("experiment"):
+        raise choice_error("experiment", name, group_options("experiment"))
+    return OmegaConf.load(config_dir() / "experiment" / f"{name}.yaml")
+
+
+def is_preset(name: str) -> bool:
+    return name in group_options("experiment")
+
+
+def runnable_rows(preset: DictConfig) -> list[DictConfig]:
+    return [r for r in preset.rows if r.get("runnable", True)]
+
+
+def row_tasks(preset: DictConfig, row: DictConfig) -> list[str]:
+    return list(row.get("tasks") or preset.tasks)
+
+
+def expand(preset: DictConfig, extra: list[str] = (), only: str | None = None) -> list[Point]:
+    """Every run of the preset's grid: rows x their tasks x seeds, each a full list of overrides."""
+    keep = parse_only(only)
+    points = []
+    for row in runnable_rows(preset):
+        for task in row_tasks(preset, row):
+            for seed in row.get("seeds") or preset.protocol.seeds:
+                overrides = [
+                    f"model={row.model}",
+                    f"method={row.method}",
+                    f"task={task}",
+                    f"seed={seed}",
+                    f"name={preset.name}",
+                    f"row={_quote(row.label)}",
+                    *(preset.get("common") or []),
+                    *((preset.get("task_overrides") or {}).get(task) or []),
+                    *(row.get("overrides") or []),
+                    *((row.get("task_overrides") or {}).get(task) or []),
+                    *extra,
+                ]
+                point = Point(row.label, row.model, row.method, task, int(seed), tuple(overrides))
+                if all(str(getattr(point, k)) in v for k, v in keep.items()):
+                    points.append(point)
+    return points
+
+
+def _quote(text: str) -> str:
+    """A Hydra override value with spaces and symbols, quoted."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def parse_only(only: str | None) -> dict[str, set[str]]:
+    """`task=rte|mrpc,method=lora` -> {"task": {"rte", "mrpc"}, "method": {"lora"}}"""
+    if not only:
+        return {}
+    out: dict[str, set[str]] = {}
+    for part in only.split(","):
+        key, sep, values = part.partition("=")
+        if not sep or key.strip() not in FILTER_KEYS:
+            raise UserError(
+                f"only={only!r}: use key=value[|value] joined by commas, keys: {', '.join(FILTER_KEYS)}"
+            )
+        out[key.strip()] = {v.strip() for v in values.split("|")}
+    return out
+
+
+# --- tables ---------------------------------------------------------------------------------------------
+
+
+def _stat(values: list[float], stat: str) -> float:
+    return statistics.median(values) if stat == "median" else statistics.fmean(values)
+
+
+def cell_values(records: list[dict], row: str, task: str, metric: str) -> tuple[list[float], set[str]]:
+    mine = [r for r in records if r.get("row") == row and r["task"] == task]
+    done = [r["best"]["metrics"][metric] for r in mine if r["status"] == "finished"]
+    return done, {r["status"] for r in mine if r["status"] != "finished"}
+
+
+def table(preset: DictConfig, records: list[dict], stat: str | None = None, paper: bool = True) -> list[dict]:
+    """The paper's layout: its rows and columns in its order, ours = protocol statistic ± std (n seeds),
+    the paper's number and the difference beside it; runs that do not exist are 'missing', never 0."""
+    stat = stat or preset.protocol.stat
+    columns = OmegaConf.to_container(preset.columns)  # task -> metric shown
+    out = []
+    for row in preset.rows:
+        ours_params = next(
+            (
+                r["params"]["trainable_without_head"]
+                for r in records
+                if r.get("row") == row.label and r.get("params")
+            ),
+            None,
+        )
+        reported = row.get("paper") or {}
+        line = {"model": row.model, "method": row.label}
+        params = format_params(ours_params) if ours_params else "—"
+        line["# trainable params"] = (
+            f"{params} ({reported.get('params')})" if paper and reported.get("params") else params
+        )
+        mains, paper_mains = [], []
+        for task, metric in columns.items():
+            header = f"{preset.get('column_names', {}).get(task, task)} {METRIC_SHORT.get(metric, metric)}"
+            values, other = (
+                cell_values(records, row.label, task, metric) if row.get("runnable", True) else ([], set())
+            )
+            ref = reported.get(task)
+            if task not in row_tasks(preset, row):
+                line[header] = ""  # not part of this row's grid
+                continue
+            if values:
+                ours = _stat(values, stat)
+                mains.append(ours)
+                spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+                text = f"{ours:.1f}{spread} (n={len(values)})"
+            elif not row.get("runnable", True):
+                text = f"n/a: {row.get('note', 'not runnable')}"
+            else:
+                text = ", ".join(sorted(other)) if other else "missing"
+            if paper and ref is not None:
+                text += f" [paper {ref}" + (f", Δ {ours - ref:+.1f}]" if values else "]")
+            paper_mains.append(ref)
+            line[header] = text
+        if preset.get("avg", False):
+            complete = len(mains) == len(columns)
+            avg = (
+                f"{statistics.fmean(mains):.1f}"
+                if complete
+                else "missing"
+                if len(row_tasks(preset, row)) == len(columns)
+                else ""
+            )
+            if paper and reported.get("avg") is not None:
+                avg += f" [paper {reported['avg']}]"
+            line["Avg"] = avg
+        out.append(line)
+    return out
+
+
+def plot_series(
+    preset: DictConfig, spec: DictConfig, records: list[dict], stat: str
+) -> dict[str, list[tuple]]:
+    """series label -> [(x, y, std, n)] sorted by x, for one plot spec of the preset."""
+    rows = [r for r in preset.rows if r.label in set(spec.rows)]
+    series: dict[str, dict[Any, list[float]]] = {}
+    for row in rows:
+        for rec in records:
+            if rec.get("row") != row.label or rec["task"] != spec.task or rec["status"] != "finished":
+                continue
+            x = OmegaConf.select(OmegaConf.create(rec["config"]), spec.x)
+            label = (
+                str(OmegaConf.select(OmegaConf.create(rec["config"]), spec.series))
+                if spec.get("series")
+                else row.method
+            )
+            series.setdefault(label, {}).setdefault(x, []).append(rec["best"]["metrics"][spec.metric])
+    return {
+        label: sorted(
+            (x, _stat(v, stat), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for x, v in pts.items()
+        )
+        for label, pts in series.items()
+    }

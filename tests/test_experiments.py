@@ -1,0 +1,178 @@
+"""Experiment presets: every grid point composes and validates; tables come out in the paper's layout;
+warm starts point at the right run; plots draw."""
+
+import json
+
+import pytest
+from conftest import QUICK, require_data
+from omegaconf import OmegaConf
+
+from peftbench import experiment
+from peftbench.cli import compose as cli_compose
+from peftbench.cli import main, warm_started
+from peftbench.paths import group_options
+from peftbench.validate import validate
+
+PRESETS = group_options("experiment")
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_point_of_every_preset_composes_and_its_columns_exist(name, compose):
+    preset = experiment.load_preset(name)
+    points = experiment.expand(preset)
+    assert points, name
+    seeds = {(p.row, p.task): set() for p in points}
+    for p in points:
+        seeds[(p.row, p.task)].add(p.seed)
+        assert p.overrides.count(f"seed={p.seed}") == 1
+    validated = set()
+    for p in points:  # points of one (row, task) differ only in seed=: compose one of each
+        if p.seed != min(seeds[(p.row, p.task)]):
+            continue
+        cfg = compose(*p.overrides)
+        assert cfg.name == name and cfg.row == p.row and cfg.task.name == p.task and cfg.seed == p.seed
+        assert preset.columns[p.task] in cfg.task.metrics
+        if (p.model, p.method) not in validated:  # the method x model check (meta device) once per pair
+            validate(cfg)
+            validated.add((p.model, p.method))
+
+
+def test_offline_minilm_grid_size_and_only_slices():
+    preset = experiment.load_preset("offline_minilm")
+    assert len(experiment.expand(preset)) == 3 * 4 * 3 + 3 * 1 * 3
+    some = experiment.expand(preset, only="task=rte|cb,row=BitFit")
+    assert {(p.task, p.row) for p in some} == {("rte", "BitFit"), ("cb", "BitFit")} and len(some) == 6
+    with pytest.raises(Exception, match="keys: row, task, seed, model, method"):
+        experiment.expand(preset, only="lr=1")
+
+
+def fake(row, task, seed, value, metric="accuracy", status="finished", params=294912):
+    return {
+        "run_id": f"{row}-{task}-{seed}",
+        "row": row,
+        "task": task,
+        "seed": seed,
+        "status": status,
+        "best": {"metrics": {metric: value}} if status == "finished" else None,
+        "params": {"trainable_without_head": params},
+    }
+
+
+def test_lora_glue_table_has_the_papers_layout():
+    preset = experiment.load_preset("lora_glue")
+    records = [
+        fake("LoRA", t, s, 80.0 + s, {"cola": "mcc", "stsb": "pearson"}.get(t, "accuracy"))
+        for t in preset.tasks
+        for s in range(5)
+    ]
+    records.append(fake("FT*", "rte", 0, 70.0, status="failed"))
+    rows = experiment.table(preset, records)
+    assert [r["method"] for r in rows] == [
+        "FT*",
+        "BitFit*",
+        "AdptD* (0.3M)",
+        "AdptD* (0.9M)",
+        "LoRA",
+        "FT* (large)",
+        "LoRA (large)",
+        "AdptP† (3M)",
+        "AdptP† (0.8M)",
+        "AdptH† (6M)",
+        "AdptH† (0.8M)",
+        "LoRA† (large)",
+        "FT* (XXL)",
+        "LoRA (XXL)",
+    ]
+    assert list(rows[0]) == [
+        "model",
+        "method",
+        "# trainable params",
+        "MNLI acc",
+        "SST-2 acc",
+        "MRPC acc",
+        "CoLA MCC",
+        "QNLI acc",
+        "QQP acc",
+        "RTE acc",
+        "STS-B P",
+        "Avg",
+    ]
+    lora = rows[4]
+    assert lora["# trainable params"] == "0.295M (0.3M)"
+    assert lora["MNLI acc"] == "82.0 ± 1.6 (n=5) [paper 87.5, Δ -5.5]"  # median of 80..84
+    assert lora["Avg"] == "82.0 [paper 87.2]"
+    assert rows[0]["RTE acc"] == "failed [paper 78.7]" and rows[0]["MNLI acc"] == "missing [paper 87.6]"
+    assert rows[2]["MNLI acc"].startswith("n/a: AdapterDrop is not implemented")
+    assert rows[0]["Avg"] == "missing [paper 86.4]"
+
+
+def test_lora_glue_warm_starts_mrpc_rte_stsb_from_the_same_seeds_mnli_adapter():
+    preset = experiment.load_preset("lora_glue")
+    points = experiment.expand(preset, only="row=LoRA,seed=3,task=rte|sst2")
+    cfgs = warm_started(preset, points, [cli_compose(list(p.overrides)) for p in points], [])
+    by_task = {p.task: c for p, c in zip(points, cfgs)}
+    mnli = cli_compose(list(experiment.expand(preset, only="row=LoRA,seed=3,task=mnli")[0].overrides))
+    from peftbench.record import run_id
+
+    assert by_task["rte"].method.init_from.endswith(f"lora_glue/{run_id(mnli)}/adapter")
+    assert by_task["sst2"].method.init_from is None
+
+
+def test_lora_init_from_starts_from_the_other_runs_weights(compose):
+    require_data()
+    import torch
+    from safetensors.torch import load_file
+
+    from peftbench.run import execute, prepare
+
+    first = execute(compose("task=rte", "model=tiny-bert", "method=lora", "train.lr=0.01", *QUICK[:-1]))
+    folder = first["adapter"]["path"]
+    cfg = compose("task=cb", "model=tiny-bert", "method=lora", f"method.init_from={folder}", *QUICK)
+    model = prepare(cfg, {}).model
+    saved = load_file(f"{folder}/adapter_model.safetensors")
+    b = next(k for k in saved if "lora_B" in k)
+    assert saved[b].abs().sum() > 0
+    live = dict(model.named_parameters())
+    name = next(n for n in live if n.replace(".default", "") == b)
+    assert torch.equal(live[name].detach(), saved[b])
+
+
+def test_experiment_table_check_and_plot(tmp_path, capsys):
+    folder = tmp_path / "offline_minilm"
+    folder.mkdir()
+    for r in (1, 4, 8, 16):
+        label = f"LoRA r={r}"
+        for seed in (1, 2, 3):
+            rec = fake(label, "sst2", seed, 80 + r / 4 + seed)
+            rec["config"] = {"method": {"r": r}}
+            (folder / f"{r}-{seed}.json").write_text(json.dumps(rec))
+    assert (
+        main(
+            [
+                "table",
+                "offline_minilm",
+                "--results",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "offline_minilm.md"),
+            ]
+        )
+        == 0
+    )
+    assert main(["table", "--check", "--results", str(tmp_path)]) == 0
+    (folder / "16-3.json").write_text(
+        json.dumps({**fake("LoRA r=16", "sst2", 3, 10.0), "config": {"method": {"r": 16}}})
+    )
+    capsys.readouterr()
+    assert main(["table", "--check", "--results", str(tmp_path)]) == 2
+    assert "offline_minilm.md differ from their records" in capsys.readouterr().err
+    assert main(["plot", "offline_minilm", "--results", str(tmp_path)]) == 0
+    png = folder / "lora_rank_sst2.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    series = experiment.plot_series(
+        experiment.load_preset("offline_minilm"),
+        OmegaConf.create(experiment.load_preset("offline_minilm").plots[0]),
+        [json.loads(p.read_text()) for p in folder.glob("*.json")],
+        "mean",
+    )
+    assert [x for x, *_ in series["lora"]] == [1, 4, 8, 16]

@@ -7,6 +7,7 @@ import platform
 import resource
 import subprocess
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
@@ -96,12 +97,25 @@ def determinism(device: torch.device) -> dict:
 
 
 def reset_peak_memory(device: torch.device) -> None:
+    """CUDA: torch's peak counter. CPU (Linux): the kernel's peak RSS of this process (VmHWM), so a run in a
+    process that ran others before (an experiment grid) reports its own peak, not theirs."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the peak is then the process's since it started
 
 
 def peak_memory_mib(device: torch.device) -> float:
-    """CUDA: peak allocated by torch since the reset. CPU: the process's peak resident set size."""
+    """CUDA: peak allocated by torch since the reset. CPU: peak resident set size since the reset."""
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux

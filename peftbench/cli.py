@@ -345,7 +345,8 @@ def check_tables(root: Path) -> int:
     """Every committed table results/<name>.md must equal what its records give now."""
     tables = sorted(root.glob("*.md"))
     if not tables:
-        raise UserError(f"no committed tables (*.md) in {root}")
+        print(f"no committed tables (*.md) in {root}: nothing to check")
+        return 0
     stale = [t.name for t in tables if t.read_text() != make_table(root, t.stem) + "\n"]
     for t in tables:
         print(f"{'STALE' if t.name in stale else 'ok'}: {t}")

@@ -28,14 +28,9 @@ EXTRA = {"p_tuning": ["method.hidden=32"]}  # a small prompt encoder for tiny mo
 
 
 def overrides(method, model, *more):
-    return [
-        f"model={model}",
-        f"method={method}",
-        *SMALL,
-        "train.batch_size=16",
-        *EXTRA.get(method, []),
-        *more,
-    ]
+    base = [*SMALL, "train.batch_size=16", *EXTRA.get(method, [])]
+    keys = {o.split("=")[0] for o in more}
+    return [f"model={model}", f"method={method}", *[o for o in base if o.split("=")[0] not in keys], *more]
 
 
 @pytest.mark.parametrize("method,model", MATRIX)
@@ -92,7 +87,7 @@ def test_real_minilm_overfits(compose, method):
     # The MLP-reparameterised prefix needs far more steps than 20 (Li & Liang train for epochs at 5e-5); the
     # prefix itself (mlp=false) must fit the batch as fast as the other methods.
     more = ["method.mlp=false"] if method == "prefix_tuning" else []
-    cfg = compose(*overrides(method, "minilm", *more))
+    cfg = compose(*overrides(method, "minilm", *more), "train.max_train_samples=8", "train.batch_size=8")
     setup = prepare(cfg, {})
     opt = torch.optim.AdamW([p for p in setup.model.parameters() if p.requires_grad], lr=1e-2)
     batch = next(iter(setup.train_loader))

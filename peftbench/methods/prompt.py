@@ -27,8 +27,6 @@ from peftbench.errors import UserError
 from peftbench.methods import freeze, positive_int, unfreeze_head
 from peftbench.models import Family
 
-ENCODERS = ("none", "mlp", "lstm", "emb")
-
 
 class PromptEncoder(nn.Module):
     """n vectors of size d, optionally reparameterised (P-tuning Sec. 3.2: bidirectional LSTM + 2-layer MLP
@@ -126,6 +124,11 @@ def init_prompt(encoder: PromptEncoder, model: nn.Module, cfg: DictConfig) -> No
     paper draws from the 5,000 most common); class label (the embedding of each class's label word, averaged
     over its subword tokens; slots beyond the classes get sampled vocabulary)."""
     emb = model.base_model.get_input_embeddings()
+    if cfg.init == "class_label" and not cfg.get("label_words"):
+        raise UserError(
+            "method.init=class_label needs label words (this task has no label names): "
+            "set method.label_words=[...] or method.init=sampled_vocab"
+        )
     if encoder.embedding.device.type == "meta":
         return
     with torch.no_grad():
@@ -143,11 +146,7 @@ def init_prompt(encoder: PromptEncoder, model: nn.Module, cfg: DictConfig) -> No
 def label_token_ids(cfg: DictConfig) -> list[list[int]]:
     from peftbench.models import load_tokenizer
 
-    words = list(cfg.label_words or [])
-    if not words:
-        raise UserError(
-            "method.init=class_label needs label words: set method.label_words or use a task with labels"
-        )
+    words = list(cfg.label_words)
     tok = load_tokenizer(OmegaConf.create(OmegaConf.to_container(cfg.tokenizer, resolve=True)))
     out = []
     for w in words:

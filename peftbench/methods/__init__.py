@@ -119,8 +119,12 @@ def load_trainable(base: torch.nn.Module, folder: Path, fam: Family) -> torch.nn
     tensors = load_file(str(folder / "trainable.safetensors"))
     names = dict(model.named_parameters())
     missing = sorted(set(tensors) - set(names))
-    if missing:
-        raise UserError(f"{folder}: saved tensors not in the model: {', '.join(missing[:5])}")
+    absent = sorted(n for n, p in names.items() if p.requires_grad and n not in tensors)
+    if missing or absent:
+        raise UserError(
+            f"{folder} does not match method {cfg.name}: saved but not in the model {missing[:3]}, "
+            f"trainable but not saved {absent[:3]}"
+        )
     with torch.no_grad():
         for n, t in tensors.items():
             names[n].copy_(t)

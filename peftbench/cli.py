@@ -266,7 +266,18 @@ PAPER_MODELS = (
     "bart-base",
     "bart-large",
 )
-TABLE_METHODS = ("full", "ft_top2", "bitfit", "lora")
+TABLE_METHODS = (
+    "full",
+    "ft_top2",
+    "bitfit",
+    "lora",
+    "adapter_houlsby",
+    "adapter_pfeiffer",
+    "ia3",
+    "prompt_tuning",
+    "p_tuning",
+    "prefix_tuning",
+)
 
 
 def cmd_params(args: list[str]) -> int:

@@ -6,12 +6,13 @@ work on the meta device too, so `peftbench params` can count any paper model wit
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from hydra.utils import get_method
-from omegaconf import DictConfig
-from safetensors.torch import save_file
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
 
 from peftbench.errors import UserError
 from peftbench.models import Family
@@ -47,12 +48,25 @@ def finish(model: torch.nn.Module) -> torch.nn.Module:
     """Prepare a trained model for inference: merge low-rank updates into the weights (peft's and our own
     modules that define `merge()`), so inference costs what the base model costs."""
     if hasattr(model, "merge_and_unload"):
+        unwrap_trained_heads(model)
         model = model.merge_and_unload()
     for name, module in list(model.named_modules()):
         if name and callable(getattr(module, "merge", None)) and hasattr(module, "merged"):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, module.merge())
     return model
+
+
+def unwrap_trained_heads(model: torch.nn.Module) -> None:
+    """Replace peft's modules_to_save wrappers by their trained copies. peft's IA3 merge_and_unload would
+    otherwise copy `.weight` onto a head that has none (RobertaClassificationHead, T5ClassificationHead)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    for name, wrapper in wrappers:
+        parent, _, child = name.rpartition(".")
+        trained = wrapper.modules_to_save[wrapper.active_adapters[0]]
+        setattr(model.get_submodule(parent) if parent else model, child, trained)
 
 
 def save_trainable(model: torch.nn.Module, folder: Path) -> str:
@@ -64,7 +78,11 @@ def save_trainable(model: torch.nn.Module, folder: Path) -> str:
     if hasattr(model, "peft_config"):
         model.save_pretrained(folder)
         formats.append("peft")
-        saved_by_peft = {n for n, _ in model.named_parameters() if "lora_" in n and ".base_layer." not in n}
+        saved_by_peft = {
+            n
+            for n, _ in model.named_parameters()
+            if ("lora_" in n or "ia3_l" in n) and ".base_layer." not in n
+        }
         saved_by_peft |= {n for n, _ in model.named_parameters() if "modules_to_save" in n}
     tensors = {
         n: p.detach().contiguous().cpu()
@@ -74,4 +92,40 @@ def save_trainable(model: torch.nn.Module, folder: Path) -> str:
     if tensors:
         save_file(tensors, str(folder / "trainable.safetensors"))
         formats.append("safetensors")
+    method = getattr(model, METHOD_ATTR, None)
+    if method is not None:
+        (folder / "method.json").write_text(json.dumps(method, indent=2) + "\n")
     return "+".join(formats)
+
+
+METHOD_ATTR = "peftbench_method"
+
+
+def remember(model: torch.nn.Module, cfg: DictConfig, **resolved) -> torch.nn.Module:
+    """Keep the method config (with values solved at apply time, e.g. an adapter's m) on the model, so
+    save_trainable writes it as method.json and load_trainable can rebuild the same modules."""
+    method = OmegaConf.to_container(cfg, resolve=True)
+    method.update(resolved)
+    setattr(model, METHOD_ATTR, method)
+    return model
+
+
+def load_trainable(base: torch.nn.Module, folder: Path, fam: Family) -> torch.nn.Module:
+    """Our own methods' checkpoints: method.json + trainable.safetensors -> the method on a fresh base model
+    (random inits are overwritten by the saved tensors, so the logits equal the saved model's)."""
+    folder = Path(folder)
+    cfg = OmegaConf.create(json.loads((folder / "method.json").read_text()))
+    model = apply_method(base, cfg, fam)
+    tensors = load_file(str(folder / "trainable.safetensors"))
+    names = dict(model.named_parameters())
+    missing = sorted(set(tensors) - set(names))
+    absent = sorted(n for n, p in names.items() if p.requires_grad and n not in tensors)
+    if missing or absent:
+        raise UserError(
+            f"{folder} does not match method {cfg.name}: saved but not in the model {missing[:3]}, "
+            f"trainable but not saved {absent[:3]}"
+        )
+    with torch.no_grad():
+        for n, t in tensors.items():
+            names[n].copy_(t)
+    return model

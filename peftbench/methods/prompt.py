@@ -1,0 +1,174 @@
+"""Soft prompts for classification models: the machinery shared by prompt tuning and P-tuning.
+
+Both prepend n trainable vectors P to the input embeddings, [P; E(x)], and extend the attention mask with
+ones (Lester et al. 2021, Sec. 2; Liu et al. 2021, Sec. 3). peft's prompt learning does this by calling the
+model with `inputs_embeds`, which transformers 5.x refuses for T5 / BART sequence classification ("Passing
+input embeddings is currently not supported") and which makes GPT-2's head read the last position (a pad
+token) instead of the last real token. So we hook the backbone (`model.base_model`) instead:
+
+- before it runs: input_ids -> [P; E(x)] as inputs_embeds, attention_mask (and token_type_ids) extended;
+  for encoder-decoder models the prompt goes in front of the encoder input only, as in Lester et al. (T5),
+  and the decoder input is shifted from the original input_ids;
+- after it runs (encoder-only and decoder models): the n prompt positions are dropped from the output, so
+  the task head reads what it always reads ([CLS] / the pooler for BERT-likes, the last real token for
+  GPT-2); the prompt still shapes every real token through attention.
+
+The prompt is `PromptEncoder.forward()`: the plain vectors (prompt tuning; P-tuning's EMB), or an MLP / LSTM
+reparameterisation of them (P-tuning).
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from peftbench.errors import UserError
+from peftbench.methods import freeze, positive_int, unfreeze_head
+from peftbench.models import Family
+
+
+class PromptEncoder(nn.Module):
+    """n vectors of size d, optionally reparameterised (P-tuning Sec. 3.2: bidirectional LSTM + 2-layer MLP
+    head; or an MLP), as peft's PromptEncoder."""
+
+    def __init__(self, n: int, d: int, kind: str = "none", hidden: int = 0, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.n, self.kind = n, kind
+        self.embedding = nn.Parameter(torch.empty(n, d, **kw))
+        if kind == "lstm":
+            self.lstm = nn.LSTM(d, hidden, num_layers=2, bidirectional=True, batch_first=True, **kw)
+            self.head = nn.Sequential(
+                nn.Linear(2 * hidden, 2 * hidden, **kw), nn.ReLU(), nn.Linear(2 * hidden, d, **kw)
+            )
+        elif kind == "mlp":
+            self.head = nn.Sequential(
+                nn.Linear(d, hidden, **kw),
+                nn.ReLU(),
+                nn.Linear(hidden, hidden, **kw),
+                nn.ReLU(),
+                nn.Linear(hidden, d, **kw),
+            )
+
+    def forward(self) -> torch.Tensor:
+        x = self.embedding
+        if self.kind == "lstm":
+            return self.head(self.lstm(x.unsqueeze(0))[0]).squeeze(0)
+        if self.kind == "mlp":
+            return self.head(x)
+        return x
+
+
+def add_prompt(model: nn.Module, fam: Family, encoder: PromptEncoder) -> nn.Module:
+    """Attach the prompt encoder as `model.prompt_encoder` and hook the backbone to prepend it."""
+    model.prompt_encoder = encoder
+    backbone = model.base_model
+    n = encoder.n
+    seq2seq = fam.kind == "encoder-decoder"
+
+    def before(module, args, kwargs):
+        kwargs = dict(kwargs)
+        if args:
+            kwargs["input_ids"], args = args[0], args[1:]
+        ids = kwargs.pop("input_ids", None)
+        if ids is None:
+            raise UserError("soft prompts need input_ids (the backbone was called with inputs_embeds)")
+        if (
+            seq2seq
+            and kwargs.get("decoder_input_ids") is None
+            and kwargs.get("decoder_inputs_embeds") is None
+        ):
+            kwargs["decoder_input_ids"] = shift_right(model, ids)
+        embeds = backbone.get_input_embeddings()(ids)
+        prompt = encoder().to(embeds.dtype).unsqueeze(0).expand(ids.shape[0], -1, -1)
+        kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(ids.shape[0], n), mask], dim=1)
+        if kwargs.get("token_type_ids") is not None:
+            tt = kwargs["token_type_ids"]
+            kwargs["token_type_ids"] = torch.cat([tt.new_zeros(ids.shape[0], n), tt], dim=1)
+        if kwargs.get("position_ids") is not None:
+            raise UserError("soft prompts do not take explicit position_ids")
+        return args, kwargs
+
+    def after(module, args, kwargs, output):
+        if seq2seq:  # the decoder's states (the head's input) have the original length already
+            return output
+        output["last_hidden_state"] = output["last_hidden_state"][:, n:]
+        pooler = getattr(module, "pooler", None)
+        if pooler is not None and output.get("pooler_output") is not None:
+            output["pooler_output"] = pooler(output["last_hidden_state"])
+        return output
+
+    backbone.register_forward_pre_hook(before, with_kwargs=True)
+    backbone.register_forward_hook(after, with_kwargs=True)
+    return model
+
+
+def shift_right(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The decoder input the model would build from input_ids itself (BART / T5 convention)."""
+    c = model.config
+    start = c.decoder_start_token_id if c.decoder_start_token_id is not None else c.pad_token_id
+    out = ids.new_full(ids.shape, c.pad_token_id)
+    out[:, 1:] = ids[:, :-1]
+    out[:, 0] = start
+    return out.masked_fill(out == -100, c.pad_token_id)
+
+
+def init_prompt(encoder: PromptEncoder, model: nn.Module, cfg: DictConfig) -> None:
+    """Lester et al. Sec. 3.2 (Fig. 3b): random uniform [-0.5, 0.5]; sampled vocabulary (embeddings of
+    tokens drawn from the 5,000 first ids: sentencepiece / BPE vocabularies put frequent tokens first, the
+    paper draws from the 5,000 most common); class label (the embedding of each class's label word, averaged
+    over its subword tokens; slots beyond the classes get sampled vocabulary)."""
+    emb = model.base_model.get_input_embeddings()
+    if cfg.init == "class_label" and not cfg.get("label_words"):
+        raise UserError(
+            "method.init=class_label needs label words (this task has no label names): "
+            "set method.label_words=[...] or method.init=sampled_vocab"
+        )
+    if encoder.embedding.device.type == "meta":
+        return
+    with torch.no_grad():
+        if cfg.init == "random_uniform":
+            encoder.embedding.uniform_(-0.5, 0.5)
+            return
+        vocab = emb.weight.shape[0]
+        ids = torch.randint(0, min(5000, vocab), (encoder.n,))
+        encoder.embedding.copy_(emb(ids))
+        if cfg.init == "class_label":
+            for i, ids in enumerate(label_token_ids(cfg)[: encoder.n]):
+                encoder.embedding[i] = emb(torch.tensor(ids)).mean(0)
+
+
+def label_token_ids(cfg: DictConfig) -> list[list[int]]:
+    from peftbench.models import load_tokenizer
+
+    words = list(cfg.label_words)
+    tok = load_tokenizer(OmegaConf.create(OmegaConf.to_container(cfg.tokenizer, resolve=True)))
+    out = []
+    for w in words:
+        ids = tok(str(w).replace("_", " "), add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise UserError(f"label word {w!r} has no tokens in this model's vocabulary")
+        out.append(ids)
+    return out
+
+
+def apply_prompt(model: nn.Module, cfg: DictConfig, fam: Family, kind: str, hidden: int = 0) -> nn.Module:
+    n = positive_int(cfg.length, "method.length")
+    d = model.base_model.get_input_embeddings().weight.shape[1]
+    p = next(model.parameters())
+    encoder = PromptEncoder(n, d, kind, hidden, p.device, p.dtype)
+    if kind in ("lstm", "mlp") and p.device.type != "meta":
+        torch.manual_seed(int(cfg.get("seed", 0)))
+        for m in encoder.modules():
+            if hasattr(m, "reset_parameters") and m is not encoder:
+                m.reset_parameters()
+    freeze(model)
+    init_prompt(encoder, model, cfg)
+    model = add_prompt(model, fam, encoder)
+    unfreeze_head(model, fam)
+    return model

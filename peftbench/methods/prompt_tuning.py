@@ -1,0 +1,24 @@
+"""Prompt tuning (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning", Sec. 2):
+the frozen model reads [P; X_e], P a trainable n x d matrix prepended to the embedded input; only P (and the
+task head) trains: n x d_model parameters. Inits (Sec. 3.2): random uniform, sampled vocabulary, class label.
+The mechanism (own hooks, not peft) is in peftbench.methods.prompt.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+from torch import nn
+
+from peftbench.errors import choice_error
+from peftbench.methods import remember
+from peftbench.methods.prompt import apply_prompt
+from peftbench.models import Family
+
+INITS = ("random_uniform", "sampled_vocab", "class_label")
+
+
+def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
+    if cfg.init not in INITS:
+        raise choice_error("method.init", cfg.init, INITS)
+    model = apply_prompt(model, cfg, fam, "none")
+    return remember(model, cfg, init="random_uniform")  # a reload overwrites P: skip the label-word lookup

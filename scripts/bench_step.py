@@ -135,7 +135,7 @@ def worker_bare(args) -> dict:
     }
 
 
-def spawn(kind: str, method: str, args) -> dict:
+def spawn(kind: str, method: str, args, steps: int) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -146,7 +146,7 @@ def spawn(kind: str, method: str, args) -> dict:
         "--model",
         args.model,
         "--steps",
-        str(args.steps),
+        str(steps),
     ]
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "PEFTBENCH_RESULTS_DIR": tmp, "PEFTBENCH_LOG_DIR": tmp}
@@ -161,6 +161,7 @@ def main() -> None:
     p.add_argument("--model", default="minilm")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats")
+    p.add_argument("--warmup", type=int, default=10, help="steps whose time is subtracted (one-time costs)")
     p.add_argument("--worker", choices=("peftbench", "bare"))
     p.add_argument("--method", default="lora")
     args = p.parse_args()
@@ -168,11 +169,22 @@ def main() -> None:
         result = worker_peftbench(args) if args.worker == "peftbench" else worker_bare(args)
         print(json.dumps(result))
         return
-    runs: dict[str, list[dict]] = {"peftbench lora": [], "bare peft lora": [], "peftbench full": []}
+    # Each point runs twice, for --warmup and for --warmup + --steps steps: the difference of the two train
+    # times over --steps is the steady per-step time, free of one-time costs (first allocations, first batch).
+    kinds = {
+        "peftbench lora": ("peftbench", "lora"),
+        "bare peft lora": ("bare", "lora"),
+        "peftbench full": ("peftbench", "full"),
+    }
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
     for _ in range(args.repeats):  # alternate, so drifts of the machine hit all three alike
-        runs["peftbench lora"].append(spawn("peftbench", "lora", args))
-        runs["bare peft lora"].append(spawn("bare", "lora", args))
-        runs["peftbench full"].append(spawn("peftbench", "full", args))
+        for name, (kind, method) in kinds.items():
+            short = spawn(kind, method, args, args.warmup)
+            long = spawn(kind, method, args, args.warmup + args.steps)
+            steady = (
+                long["s_per_step"] * (args.warmup + args.steps) - short["s_per_step"] * args.warmup
+            ) / args.steps
+            runs[name].append({**long, "s_per_step": steady})
     # step time: the fastest repeat (the one least disturbed by anything else on the machine); memory: median
     med = {
         k: {
@@ -185,7 +197,7 @@ def main() -> None:
     device = runs["peftbench lora"][0]["device"]
     memory = "peak allocated" if device == "cuda" else "peak RSS of the process"
     print(
-        f"model={args.model} task=sst2 batch=32 steps={args.steps} device={device} repeats={args.repeats} "
+        f"model={args.model} task=sst2 batch=32 steps={args.steps} (+{args.warmup} warm-up) device={device} repeats={args.repeats} "
         f"(s/step: fastest repeat; memory: median, {memory})"
     )
     print(f"{'run':<16} {'s/step':>8} {'peak MiB':>9} {'tokens':>8}")

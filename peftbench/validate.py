@@ -9,7 +9,9 @@ from omegaconf import DictConfig
 from peftbench.errors import UserError, choice_error
 from peftbench.methods import apply_method
 from peftbench.metrics import METRICS
-from peftbench.models import build_meta, family
+from peftbench.models import meta_model, uses_lm
+
+FORMATS = ("head", "prompt")
 
 
 def _positive(value, name: str, kind=(int,), allow_none: bool = False) -> None:
@@ -64,8 +66,13 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(cfg.seed, int):
         raise UserError(f"seed={cfg.seed!r}: must be an integer")
     # The method's own checks (rank > 0, k <= blocks, applicable to the family) on a weightless copy.
-    apply_method(
-        build_meta(cfg.model, cfg.task.kind, max(1, len(cfg.task.labels or []))),
-        cfg.method,
-        family(cfg.model),
-    )
+    if cfg.task.get("format", "head") not in FORMATS:
+        raise choice_error("task.format", cfg.task.format, FORMATS)
+    if cfg.method.get("needs_prompt_format") and not uses_lm(cfg):
+        raise UserError(
+            f"method={cfg.method.name} scores answer choices with the LM head: add task.format=prompt"
+        )
+    if uses_lm(cfg) and cfg.task.kind == "regression":
+        raise UserError(f"task.format=prompt needs answer choices; {cfg.task.name} is a regression task")
+    model, fam = meta_model(cfg)
+    apply_method(model, cfg.method, fam)

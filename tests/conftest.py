@@ -14,7 +14,9 @@ if "PEFTBENCH_DATA_DIR" not in os.environ and _shared.is_dir():
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# 2 cores in CI; on a machine busy with other work, PEFTBENCH_TEST_THREADS=1 avoids threads waiting on
+# each other (an oversubscribed core makes torch's parallel regions many times slower)
+torch.set_num_threads(int(os.environ.get("PEFTBENCH_TEST_THREADS", "2")))
 
 DATA = Path(os.environ["PEFTBENCH_DATA_DIR"]) if os.environ.get("PEFTBENCH_DATA_DIR") else None
 

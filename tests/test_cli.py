@@ -31,7 +31,7 @@ def run_cli(*args, env=None, cwd=None):
         (
             ["method=lorra"],
             "unknown method 'lorra' (did you mean 'lora'?); choose from: adapter_houlsby, adapter_pfeiffer, bitfit, "
-            "ft_top2, full, ia3, lora, p_tuning, prefix_tuning, prompt_tuning",
+            "ft_top2, full, ia3, icl, lora, p_tuning, prefix_tuning, prompt_tuning",
         ),
         (["model=roberta-bas"], "unknown model 'roberta-bas' (did you mean 'roberta-base'"),
         (["task=sst3"], "unknown task 'sst3' (did you mean 'sst2'"),

@@ -31,7 +31,7 @@ from torch import nn
 
 from peftbench.errors import UserError
 from peftbench.methods import freeze, positive_int, remember, unfreeze_head
-from peftbench.models import FAMILIES, Family
+from peftbench.models import Family
 
 # Per family: module-path regexes whose OUTPUT is a sublayer's output before residual (+ LayerNorm).
 # Dropout modules where the model has them (the adapter then sees exactly what the residual would add).
@@ -80,7 +80,7 @@ class WithAdapter(nn.Module):
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
     if cfg.placement not in PLACEMENTS:
         raise UserError(f"method.placement={cfg.placement!r}; choose from: {', '.join(PLACEMENTS)}")
-    family_name = next((k for k, f in FAMILIES.items() if f is fam), None)
+    family_name = fam.name
     if family_name not in SITES:
         raise UserError(f"method {cfg.name} does not apply to {type(model).__name__}: no adapter sites known")
     sites = sites_of(model, SITES[family_name], PLACEMENTS[cfg.placement])

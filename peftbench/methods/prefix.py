@@ -30,7 +30,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from peftbench.errors import UserError
 from peftbench.methods import freeze, positive_int, remember, unfreeze_head
-from peftbench.models import FAMILIES, Family
+from peftbench.models import Family
 
 IMPL = "peftbench_prefix"
 ATTENTION = {
@@ -129,7 +129,7 @@ class PrefixEncoder(nn.Module):
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
     n = positive_int(cfg.length, "method.length")
     mid = positive_int(cfg.mid_dim, "method.mid_dim") if cfg.mlp else None
-    family_name = next((k for k, f in FAMILIES.items() if f is fam), None)
+    family_name = fam.name
     if family_name not in ATTENTION:
         raise UserError(
             f"method prefix_tuning does not apply to {type(model).__name__}: its attention does not go through "

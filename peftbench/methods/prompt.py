@@ -78,6 +78,7 @@ def add_prompt(model: nn.Module, fam: Family, encoder: PromptEncoder) -> nn.Modu
             seq2seq
             and kwargs.get("decoder_input_ids") is None
             and kwargs.get("decoder_inputs_embeds") is None
+            and kwargs.get("labels") is None  # a seq2seq LM builds the decoder input from its labels
         ):
             kwargs["decoder_input_ids"] = shift_right(model, ids)
         embeds = backbone.get_input_embeddings()(ids)

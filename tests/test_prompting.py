@@ -1,0 +1,204 @@
+"""Prompt format (answer choices ranked by the LM head): encoding per family, T-Few's losses on known values,
+every method training through the LM head, in-context learning's demonstrations, order sensitivity and
+contextual calibration."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import QUICK, require_data
+
+from peftbench.errors import UserError
+from peftbench.models import family
+from peftbench.prompting import RankBatcher, format_prompt, tfew_loss
+
+PROMPT = ["task=rte", "task.format=prompt", "task.max_length=48", "train.max_train_samples=8"]
+
+
+def test_tfew_losses_on_known_values():
+    """One row, two choices: the correct one has tokens with log p -0.5, -1.0; the wrong one -2.0 (+ pad)."""
+    lp = torch.tensor([[[-0.5, -1.0], [-2.0, 0.0]]])
+    mask = torch.tensor([[[True, True], [True, False]]])
+    y = torch.tensor([0])
+    lm = (0.5 + 1.0) / 2
+    ul = -math.log(1 - math.exp(-2.0) + 1e-2)
+    ln = math.log(1 + math.exp(-2.0 + 0.75))  # softmax CE over mean log p: (-0.75, -2.0)
+    assert tfew_loss(lp, mask, y, 1, 0, 0).item() == pytest.approx(lm, abs=1e-6)
+    assert tfew_loss(lp, mask, y, 0, 1, 0).item() == pytest.approx(ul, abs=1e-6)
+    assert tfew_loss(lp, mask, y, 0, 0, 1).item() == pytest.approx(ln, abs=1e-6)
+    assert tfew_loss(lp, mask, y, 1, 1, 1).item() == pytest.approx(lm + ul + ln, abs=1e-6)
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-t5", "tiny-bart", "tiny-bert", "tiny-roberta"])
+def test_each_family_scores_the_answer_tokens(compose, model):
+    require_data()
+    from peftbench.run import prepare
+
+    cfg = compose(f"model={model}", "method=lora", *PROMPT, "train.max_eval_samples=4")
+    s = prepare(cfg, {})
+    tok = s.batcher.tokenizer
+    feature = s.eval_loader.dataset[0]
+    context, choices = format_prompt(cfg.task, s.task.validation[0])
+    assert choices == ["True", "False"] and context.endswith("True or False? Answer:")
+    for seq, choice in zip(feature["choices"], choices):
+        scored = [t for t in seq["labels"] if t != -100]
+        assert tok.decode(scored, skip_special_tokens=True).strip().lower() == choice.lower()  # BERT: uncased
+        kind = family(cfg.model).kind
+        if kind == "decoder":  # the answer is the continuation: the last tokens of the input
+            assert seq["input_ids"][-len(scored) :] == scored
+        elif kind == "encoder":  # one [MASK] per answer token, where the labels are
+            masked = [i for i, t in zip(seq["input_ids"], seq["labels"]) if t != -100]
+            assert masked == [tok.mask_token_id] * len(scored)
+    batch = next(iter(s.eval_loader))
+    logits = s.batcher.logits(s.model.eval(), batch)
+    assert logits.shape == (4, 2) and torch.isfinite(logits).all()
+
+
+# every method x family through the LM head: (method, model) -> reason it does not apply
+NOT_APPLICABLE = {("bitfit", "tiny-t5"): "no bias terms"}
+METHODS = ["bitfit", "lora", "ia3", "adapter_houlsby", "prefix_tuning", "prompt_tuning", "p_tuning"]
+OWN = {
+    "bitfit": ("bias",),
+    "lora": ("lora_",),
+    "ia3": ("ia3_",),
+    "adapter_houlsby": (".adapter.", "LayerNorm", "layer_norm", "layernorm", "ln_"),
+    "prefix_tuning": ("prefix_encoder.",),
+    "prompt_tuning": ("prompt_encoder.",),
+    "p_tuning": ("prompt_encoder.",),
+}
+LR = {"lora": 2e-2, "ia3": 5e-2, "prompt_tuning": 0.1, "p_tuning": 3e-2, "prefix_tuning": 1e-2}
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-t5", "tiny-bart", "tiny-roberta"])
+@pytest.mark.parametrize("method", METHODS)
+def test_method_matrix_through_the_lm_head(compose, method, model):
+    """No new head: only the method's own parameters train (the LM head and the base stay bit-identical),
+    and the LM loss on the right answers falls."""
+    require_data()
+    from peftbench.run import prepare
+
+    more = ["method.hidden=32"] if method == "p_tuning" else []
+    if model != "tiny-t5":  # GPT-2 BPE LMs at init 0.02 predict ~uniformly over 50,257 tokens: a sharper init
+        more.append("+model.dims.initializer_range=0.5")  # gives the frozen model something to steer
+    cfg = compose(f"model={model}", f"method={method}", *PROMPT, "train.batch_size=8", *more)
+    if (method, model) in NOT_APPLICABLE:
+        with pytest.raises(UserError, match=NOT_APPLICABLE[(method, model)]):
+            prepare(cfg, {})
+        return
+    s = prepare(cfg, {})
+    m = s.model
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(any(k in n for k in OWN[method]) for n in trainable), sorted(trainable)[:5]
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=LR.get(method, 2e-2))
+    batch = next(iter(s.train_loader))
+    m.eval()
+    losses = []
+    # a soft prompt moves only the encoder's input of a seq2seq model; the frozen random decoder of a
+    # 2-layer T5 / BART lets its loss fall slower (Lester et al. train for 30k steps)
+    slow = method in ("prompt_tuning", "p_tuning") and family(cfg.model).kind == "encoder-decoder"
+    for step in range(20 if slow else 10):
+        loss = s.batcher.loss(m, batch)
+        loss.backward()
+        if step == 0:
+            assert {n for n, p in m.named_parameters() if p.grad is not None} <= trainable
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < (0.96 if slow else 0.9) * losses[0], losses
+    frozen = [n for n in before if n not in trainable]
+    assert frozen and all(torch.equal(m.get_parameter(n), before[n]) for n in frozen)
+
+
+def test_tfew_ia3_trains_end_to_end_with_all_three_losses(compose):
+    """`peftbench train` with IA3 on tiny T5, L_LM + L_UL + L_LN: finished record, falling loss, rank
+    classification accuracy in the record, the merged model evaluates like the unmerged one."""
+    require_data()
+    from peftbench.run import execute
+
+    cfg = compose(
+        "model=tiny-t5",
+        "method=ia3",
+        *PROMPT,
+        *QUICK,
+        "train.max_steps=12",
+        "train.lr=5e-2",
+        "train.loss.ul=1",
+        "train.loss.ln=1",
+        "train.max_train_samples=8",
+    )
+    rec = execute(cfg)
+    assert rec["status"] == "finished"
+    losses = rec["train"]["loss_curve"]
+    assert losses[-1] < losses[0]
+    assert rec["params"]["trainable"] == 2 * (32 + 32 + 64) + 2 * (2 * 32 + 2 * 32 + 64)  # no new head
+    assert rec["final"]["metrics"]["accuracy"] == rec["best"]["metrics"]["accuracy"]
+
+
+def icl(compose, *more):
+    from peftbench.run import execute
+
+    return execute(
+        compose(
+            "model=tiny-gpt2",
+            "method=icl",
+            "task=rte",
+            "task.format=prompt",
+            "task.max_length=512",
+            "train.max_eval_samples=64",
+            "train.progress=false",
+            "+model.dims.initializer_range=1.0",  # a sharp random model: its outputs depend on the context
+            *more,
+        )
+    )
+
+
+def test_icl_demonstrations_drawn_by_seed_and_ordered_by_order_seed(compose):
+    """Same seed: the same 4 rows; another order_seed: the same rows in another order, and other scores
+    (Zhao et al. 2021: the order alone moves accuracy). Nothing trains."""
+    require_data()
+    runs = [icl(compose, f"method.order_seed={o}") for o in (0, 1, 2)]
+    demos = [r["demonstrations"] for r in runs]
+    assert all(sorted(d) == sorted(demos[0]) for d in demos) and len(demos[0]) == 4
+    assert len({tuple(d) for d in demos}) == 3
+    assert all(r["params"]["trainable"] == 0 and r["train"]["steps"] == 0 for r in runs)
+    accuracies = {r["best"]["metrics"]["accuracy"] for r in runs}
+    assert len(accuracies) > 1, accuracies
+    other = icl(compose, "seed=7")
+    assert sorted(other["demonstrations"]) != sorted(demos[0])
+
+
+def test_contextual_calibration_divides_by_the_content_free_prior(compose):
+    require_data()
+    rec = icl(compose, "method.calibrate=true")
+    p_cf = rec["calibration"]["p_cf"]
+    assert len(p_cf) == 2 and sum(p_cf) == pytest.approx(1, abs=1e-4)
+    batcher = RankBatcher(None, "decoder", compose().train)
+    scores = torch.tensor([[-1.0, -1.2], [-3.0, -1.0]])
+    assert torch.equal(batcher.calibrate(scores), scores)  # no prior: untouched
+    batcher.prior = torch.tensor([0.8, 0.2])  # the prompt alone leans to choice 0
+    calibrated = batcher.calibrate(scores)
+    assert torch.allclose(calibrated, scores.log_softmax(-1) - torch.tensor([0.8, 0.2]).log())
+    assert batcher.predict(scores).tolist() == [0, 1] and batcher.predict(calibrated).tolist() == [1, 1]
+
+
+def test_prompt_format_errors_name_the_fix(compose):
+    require_data()
+    from peftbench.validate import validate
+
+    with pytest.raises(UserError, match="task.format=prompt"):
+        validate(compose("method=icl", "task=rte"))
+    with pytest.raises(UserError, match="regression"):
+        validate(compose("method=lora", "task=stsb", "task.format=prompt"))
+    with pytest.raises(UserError, match="task.format"):
+        validate(compose("task.format=lm"))
+    with pytest.raises(UserError, match="method.shots"):
+        icl(compose, "method.shots=100000")
+
+
+def test_icl_record_lists_its_demonstrations_in_the_json(compose, tmp_path):
+    require_data()
+    rec = icl(compose, "method.shots=2", "train.max_eval_samples=8")
+    saved = json.loads(next((tmp_path / "results" / "runs").glob("*.json")).read_text())
+    assert saved["demonstrations"] == rec["demonstrations"] and len(rec["demonstrations"]) == 2

@@ -250,6 +250,43 @@ def test_ia3_peft_checkpoint_reloads_with_peft(compose, tmp_path):
         assert torch.equal(setup.batcher.logits(loaded, batch), setup.batcher.logits(setup.model, batch))
 
 
+PEFT_SAVED = [("lora", "tiny-roberta"), ("lora", "tiny-t5"), ("ia3", "tiny-bert"), ("ia3", "tiny-t5")]
+
+
+def test_peft_adapters_reload_in_a_fresh_process_to_identical_logits(compose, tmp_path):
+    """The adapters peft saves (LoRA on separate q / v projections, IA3) with their trained heads
+    (modules_to_save) load with peft alone in a new process, on a base rebuilt from the model config only."""
+    require_data()
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    helper = [sys.executable, str(root / "tests" / "peft_reload.py"), str(torch.get_num_threads())]
+    # started first: it imports torch / transformers / peft while this process trains, then reads the jobs
+    reload = subprocess.Popen(helper, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    jobs, expected = [], {}
+    for method, model in PEFT_SAVED:
+        cfg, setup, batch = trained(compose, method, model)
+        folder = tmp_path / f"{method}-{model}"
+        assert save_trainable(setup.model, folder) == "peft"
+        OmegaConf.save(cfg.model, folder / "model.yaml", resolve=True)
+        torch.save(batch, folder / "batch.pt")
+        with torch.no_grad():
+            expected[folder.name] = setup.batcher.logits(setup.model, batch)
+        files = {"model": "model.yaml", "adapter": "", "batch": "batch.pt", "out": "logits.pt"}
+        jobs.append({k: str(folder / f) for k, f in files.items()})
+    _, err = reload.communicate(json.dumps(jobs), timeout=120)
+    assert reload.returncode == 0, err[-2000:]
+    for name, logits in expected.items():
+        assert torch.equal(torch.load(tmp_path / name / "logits.pt"), logits), name
+
+
 @pytest.mark.parametrize("model", ["tiny-roberta", "tiny-gpt2", "tiny-t5"])
 def test_ia3_merged_equals_unmerged(compose, model):
     require_data()

@@ -103,7 +103,13 @@ def family(model_cfg: DictConfig, lm: bool = False) -> Family:
             f"model.family={model_cfg.family!r} is not supported; choose from: {', '.join(FAMILIES)}"
         )
     fam = FAMILIES[model_cfg.family]
-    return replace(fam, head=()) if lm else fam
+    if not lm:
+        return fam
+    # T5ForConditionalGeneration holds its stacks at the top (the classifier wraps them in `transformer.`)
+    unwrap = lambda paths: tuple(p.removeprefix("transformer.") for p in paths)  # noqa: E731
+    if fam.name == "t5":
+        return replace(fam, head=(), blocks=unwrap(fam.blocks), final_norms=unwrap(fam.final_norms))
+    return replace(fam, head=())
 
 
 def uses_lm(cfg: DictConfig) -> bool:

@@ -66,6 +66,13 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(cfg.seed, int):
         raise UserError(f"seed={cfg.seed!r}: must be an integer")
     # The method's own checks (rank > 0, k <= blocks, applicable to the family) on a weightless copy.
+    check_format(cfg)
+    model, fam = meta_model(cfg)
+    apply_method(model, cfg.method, fam)
+
+
+def check_format(cfg: DictConfig) -> None:
+    """The task format fits the method and the task (ICL needs the LM head; regression has no choices)."""
     if cfg.task.get("format", "head") not in FORMATS:
         raise choice_error("task.format", cfg.task.format, FORMATS)
     if cfg.method.get("needs_prompt_format") and not uses_lm(cfg):
@@ -74,5 +81,3 @@ def validate(cfg: DictConfig) -> None:
         )
     if uses_lm(cfg) and cfg.task.kind == "regression":
         raise UserError(f"task.format=prompt needs answer choices; {cfg.task.name} is a regression task")
-    model, fam = meta_model(cfg)
-    apply_method(model, cfg.method, fam)

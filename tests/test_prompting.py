@@ -202,3 +202,37 @@ def test_icl_record_lists_its_demonstrations_in_the_json(compose, tmp_path):
     rec = icl(compose, "method.shots=2", "train.max_eval_samples=8")
     saved = json.loads(next((tmp_path / "results" / "runs").glob("*.json")).read_text())
     assert saved["demonstrations"] == rec["demonstrations"] and len(rec["demonstrations"]) == 2
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-t5", "tiny-bart"])
+def test_prefix_tuning_generates_with_and_without_the_kv_cache_alike(compose, model):
+    """Li & Liang's setting is generation: the prefixes enter every attention at each decoding step, so greedy
+    decoding with the KV cache equals decoding without it (the prefix is not cached twice or dropped)."""
+    from peftbench.methods import apply_method
+    from peftbench.models import load_model
+
+    cfg = compose(
+        f"model={model}", "method=prefix_tuning", "task.format=prompt", "+model.dims.initializer_range=0.5"
+    )
+    m, tok = load_model(cfg.model, "classification", 2, lm=True)
+    m = apply_method(m, cfg.method, family(cfg.model, lm=True)).eval()
+    ids = tok(["The cat sat on the"], return_tensors="pt")
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    plain = load_model(cfg.model, "classification", 2, lm=True)[0].eval().generate(**ids, **kw)
+    with torch.no_grad():
+        cached, uncached = m.generate(**ids, use_cache=True, **kw), m.generate(**ids, use_cache=False, **kw)
+    assert torch.equal(cached, uncached) and cached.shape[1] > ids["input_ids"].shape[1] * (
+        model == "tiny-gpt2"
+    )
+    assert not torch.equal(cached, plain)  # the prefix steers what is generated
+
+
+def test_soft_prompt_generate_says_to_use_prefix_tuning(compose):
+    from peftbench.methods import apply_method
+    from peftbench.models import load_model
+
+    cfg = compose("model=tiny-t5", "method=prompt_tuning", "method.init=random_uniform", "task.format=prompt")
+    m, tok = load_model(cfg.model, "classification", 2, lm=True)
+    m = apply_method(m, cfg.method, family(cfg.model, lm=True)).eval()
+    with pytest.raises(UserError, match="use method=prefix_tuning to generate"):
+        m.generate(**tok(["a b"], return_tensors="pt"), max_new_tokens=2)

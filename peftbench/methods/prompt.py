@@ -72,8 +72,11 @@ def add_prompt(model: nn.Module, fam: Family, encoder: PromptEncoder) -> nn.Modu
         if args:
             kwargs["input_ids"], args = args[0], args[1:]
         ids = kwargs.pop("input_ids", None)
-        if ids is None:
-            raise UserError("soft prompts need input_ids (the backbone was called with inputs_embeds)")
+        if ids is None or kwargs.get("position_ids") is not None or kwargs.get("encoder_outputs") is not None:
+            raise UserError(
+                "a soft prompt is prepended to input_ids in one forward call (training, rank classification); "
+                "step-by-step generate() is not supported with it: use method=prefix_tuning to generate"
+            )
         if (
             seq2seq
             and kwargs.get("decoder_input_ids") is None
@@ -91,8 +94,6 @@ def add_prompt(model: nn.Module, fam: Family, encoder: PromptEncoder) -> nn.Modu
         if kwargs.get("token_type_ids") is not None:
             tt = kwargs["token_type_ids"]
             kwargs["token_type_ids"] = torch.cat([tt.new_zeros(ids.shape[0], n), tt], dim=1)
-        if kwargs.get("position_ids") is not None:
-            raise UserError("soft prompts do not take explicit position_ids")
         return args, kwargs
 
     def after(module, args, kwargs, output):

@@ -51,13 +51,35 @@ def row_fields(task_cfg: DictConfig, row: dict) -> dict:
     return Fields({k: v.strip() if isinstance(v, str) else v for k, v in fields.items()})
 
 
-def format_prompt(task_cfg: DictConfig, row: dict) -> tuple[str, list[str]]:
-    """(context, answer choices) of one row."""
+def format_prompt(task_cfg: DictConfig, row: dict, key: str = "template") -> tuple[str, list[str]]:
+    """(context, answer choices) of one row; key="anchored": P-tuning's template with [P] prompt slots."""
     prompt = task_cfg.get("prompt")
     if not prompt:
         raise UserError(f"task {task_cfg.name} has no task.prompt (template + choices); use task.format=head")
+    if not prompt.get(key):
+        raise UserError(
+            f"task {task_cfg.name} has no task.prompt.{key}; set it or use method.placement=prepend"
+        )
     fields = row_fields(task_cfg, row)
-    return prompt.template.format_map(fields), [c.format_map(fields) for c in prompt.choices]
+    return prompt[key].format_map(fields), [c.format_map(fields) for c in prompt.choices]
+
+
+SLOT = "[P]"
+
+
+def tokenize_with_slots(tokenizer, text: str) -> list[int]:
+    """Token ids of text whose i-th "[P]" becomes the placeholder id -(i + 1): P-tuning's prompt slot i,
+    filled with the prompt encoder's i-th vector by the soft-prompt hook (peftbench.methods.prompt)."""
+    pieces = text.split(SLOT)
+    ids: list[int] = []
+    for i, piece in enumerate(pieces):
+        if i:
+            ids.append(-i)
+        if piece.strip():
+            ids += tokenizer(piece.rstrip() if i < len(pieces) - 1 else piece, add_special_tokens=False)[
+                "input_ids"
+            ]
+    return ids
 
 
 def solved(task_cfg: DictConfig, row: dict) -> str:
@@ -84,16 +106,22 @@ def encode_prompted(
     kind: str,
     demos: list[dict] = (),
     separator: str = "\n\n",
+    anchored: bool = False,
 ) -> list[dict[str, Any]]:
     """Per row: one sequence per choice, {input_ids, attention_mask, labels}; labels are -100 except on the
     tokens that score the choice. The context is cut from the left to fit task.max_length (the query and
-    its answer stay; the oldest demonstrations go first)."""
+    its answer stay; the oldest demonstrations go first). `anchored`: the context is task.prompt.anchored,
+    real anchor words around [P] prompt slots (P-tuning, Liu et al. 2021 Sec. 3)."""
     prefix = "".join(solved(task_cfg, d) + separator for d in demos)
     max_len = int(task_cfg.max_length)
     out = []
     for row in rows:
-        context, choices = format_prompt(task_cfg, row)
-        ctx = tokenizer(prefix + context, add_special_tokens=False)["input_ids"]
+        if anchored:
+            context, choices = format_prompt(task_cfg, row, "anchored")
+            ctx = tokenize_with_slots(tokenizer, context)
+        else:
+            context, choices = format_prompt(task_cfg, row)
+            ctx = tokenizer(prefix + context, add_special_tokens=False)["input_ids"]
         seqs = [sequence(tokenizer, kind, ctx, c, max_len) for c in choices]
         out.append(
             {"choices": seqs, "label": row["label"], "idx": row["idx"], "group": group_of(task_cfg, row)}

@@ -213,8 +213,9 @@ def prepare(cfg: DictConfig, record: dict[str, Any]) -> Setup:
             task.train = []
             record["demonstrations"] = [d["idx"] for d in demos]
         batcher = RankBatcher(tokenizer, fam.kind, cfg.train)
-        train = encode_prompted(task.train, cfg.task, tokenizer, fam.kind)
-        evals = encode_prompted(validation, cfg.task, tokenizer, fam.kind, demos)
+        anchored = cfg.method.get("placement") == "template"  # P-tuning's [P] slots in the template
+        train = encode_prompted(task.train, cfg.task, tokenizer, fam.kind, anchored=anchored)
+        evals = encode_prompted(validation, cfg.task, tokenizer, fam.kind, demos, anchored=anchored)
     else:
         batcher = Batcher(tokenizer, task.kind)
         train = encode(task.train, cfg.task, tokenizer)

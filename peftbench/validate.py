@@ -79,5 +79,20 @@ def check_format(cfg: DictConfig) -> None:
         raise UserError(
             f"method={cfg.method.name} scores answer choices with the LM head: add task.format=prompt"
         )
+    if cfg.method.get("placement") == "template":
+        if not uses_lm(cfg):
+            raise UserError(
+                "method.placement=template fills the [P] slots of task.prompt.anchored: add task.format=prompt"
+            )
+        anchored = (cfg.task.get("prompt") or {}).get("anchored")
+        if not anchored:
+            raise UserError(
+                f"task {cfg.task.name} has no task.prompt.anchored template; use method.placement=prepend"
+            )
+        if anchored.count("[P]") != cfg.method.length:
+            raise UserError(
+                f"method.length={cfg.method.length} but task.prompt.anchored has {anchored.count('[P]')} [P] "
+                f"slots; set method.length={anchored.count('[P]')}"
+            )
     if uses_lm(cfg) and cfg.task.kind == "regression":
         raise UserError(f"task.format=prompt needs answer choices; {cfg.task.name} is a regression task")

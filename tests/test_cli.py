@@ -163,10 +163,14 @@ def test_list_names_every_group_with_descriptions(capsys):
 def test_list_pairs_gives_each_method_x_family_and_the_reason_when_it_does_not_apply(capsys):
     assert main(["list", "pairs"]) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
-    methods = 11  # full ft_top2 bitfit lora adapter_houlsby adapter_pfeiffer ia3 prompt_tuning p_tuning prefix icl
+    methods = (
+        11  # full ft_top2 bitfit lora adapter_houlsby adapter_pfeiffer ia3 prompt_tuning p_tuning prefix icl
+    )
     assert len(lines) == methods * 6 * 2  # x 6 families x (classification head, LM head)
     na = {tuple(line.split()[:3]): line for line in lines if "n/a:" in line}
-    assert "no bias terms" in na[("bitfit", "t5", "head")] and "no bias terms" in na[("bitfit", "t5", "prompt")]
+    assert (
+        "no bias terms" in na[("bitfit", "t5", "head")] and "no bias terms" in na[("bitfit", "t5", "prompt")]
+    )
     assert "disentangled attention" in na[("prefix_tuning", "deberta", "head")]
     assert all("add task.format=prompt" in na[("icl", f, "head")] for f in ("bert", "gpt2", "t5", "bart"))
     assert len(na) == 2 + 2 + 6  # everything else applies, prompt tuning and prefix tuning on T5 / BART too

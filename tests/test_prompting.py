@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import QUICK, require_data
+from conftest import QUICK, overfit, require_data
 
 from peftbench.errors import UserError
 from peftbench.models import family
@@ -236,3 +236,43 @@ def test_soft_prompt_generate_says_to_use_prefix_tuning(compose):
     m = apply_method(m, cfg.method, family(cfg.model, lm=True)).eval()
     with pytest.raises(UserError, match="use method=prefix_tuning to generate"):
         m.generate(**tok(["a b"], return_tensors="pt"), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("model", ["tiny-roberta", "tiny-gpt2", "tiny-t5"])
+def test_p_tuning_fills_the_anchored_template_slots(compose, model):
+    """P-tuning's placement: the prompt encoder's 3 vectors sit in the [P] slots between the anchor tokens
+    ("?", "Answer:"), not in front; the slots are in every choice's input and the loss falls."""
+    require_data()
+    from peftbench.run import prepare
+
+    cfg = compose(
+        f"model={model}",
+        "method=p_tuning",
+        "method.placement=template",
+        "method.length=3",
+        "method.hidden=32",
+        "task=superglue_rte",
+        "task.format=prompt",
+        "task.max_length=64",
+        "train.max_train_samples=8",
+        "train.batch_size=8",
+        *([] if model == "tiny-t5" else ["+model.dims.initializer_range=0.5"]),  # as in the matrix above
+    )
+    s = prepare(cfg, {})
+    seq = s.train_loader.dataset[0]["choices"][0]["input_ids"]
+    assert [i for i in seq if i < 0] == [-1, -2, -3]
+    tail = s.batcher.tokenizer.decode([i for i in seq[seq.index(-3) + 1 :] if i >= 0])
+    assert "Answer:" in tail
+    losses = overfit(s, lr=3e-2, steps=15)
+    assert losses[-1] < losses[0] - 0.1, losses  # 3 vectors steer a frozen random model: nats, not factors
+
+
+def test_p_tuning_template_slot_count_must_match_the_length(compose):
+    from peftbench.validate import validate
+
+    with pytest.raises(UserError, match="set method.length=3"):
+        validate(compose("method=p_tuning", "method.placement=template", "task=cb", "task.format=prompt"))
+    with pytest.raises(UserError, match="add task.format=prompt"):
+        validate(compose("method=p_tuning", "method.placement=template", "method.length=3", "task=cb"))
+    with pytest.raises(UserError, match="no task.prompt.anchored"):
+        validate(compose("method=p_tuning", "method.placement=template", "task=sst2", "task.format=prompt"))

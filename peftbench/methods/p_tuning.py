@@ -1,7 +1,9 @@
 """P-tuning (Liu et al. 2021, "GPT Understands, Too", Sec. 3): continuous prompt embeddings h_i = f(e_i)
 produced by a prompt encoder f, a bidirectional LSTM with a 2-layer ReLU MLP on top (Eq. 3-4, the paper's
 choice); also an MLP or the identity (EMB), as the paper's ablation and peft offer. The prompt is prepended
-to the input (peft's placement; the paper can also interleave prompt slots with a task template). The
+to the input (`placement: prepend`, peft's), or (`placement: template`, the paper's, with task.format=prompt)
+its vectors fill the [P] slots of the task's anchored template, between real anchor tokens such as "?" and
+"Answer:" (Sec. 3, "anchor tokens"; templates after THUDM/P-tuning's FewGLUE patterns). The
 paper's SuperGLUE experiments fine-tune the backbone too (`tune_backbone: true`); `false` trains the prompt
 encoder (and the task head) only. The mechanism (own hooks, not peft) is in peftbench.methods.prompt.
 """
@@ -17,6 +19,7 @@ from peftbench.methods.prompt import apply_prompt
 from peftbench.models import Family
 
 ENCODERS = ("lstm", "mlp", "emb")
+PLACEMENTS = ("prepend", "template")
 
 
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
@@ -25,8 +28,11 @@ def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
     hidden = positive_int(cfg.hidden, "method.hidden")
     if not isinstance(cfg.tune_backbone, bool):
         raise choice_error("method.tune_backbone", cfg.tune_backbone, ["true", "false"])
+    placement = cfg.get("placement", "prepend")
+    if placement not in PLACEMENTS:
+        raise choice_error("method.placement", placement, PLACEMENTS)
     kind = "none" if cfg.encoder == "emb" else cfg.encoder
-    model = apply_prompt(model, cfg, fam, kind, hidden)
+    model = apply_prompt(model, cfg, fam, kind, hidden, placement)
     if cfg.tune_backbone:
         unfreeze(model)
     return remember(model, cfg)

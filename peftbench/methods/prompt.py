@@ -60,11 +60,14 @@ class PromptEncoder(nn.Module):
         return x
 
 
-def add_prompt(model: nn.Module, fam: Family, encoder: PromptEncoder) -> nn.Module:
-    """Attach the prompt encoder as `model.prompt_encoder` and hook the backbone to prepend it."""
+def add_prompt(
+    model: nn.Module, fam: Family, encoder: PromptEncoder, placement: str = "prepend"
+) -> nn.Module:
+    """Attach the prompt encoder as `model.prompt_encoder` and hook the backbone to prepend it, or (placement
+    "template") to put its vectors where the input has the slot ids -1..-n (prompting.tokenize_with_slots)."""
     model.prompt_encoder = encoder
     backbone = model.base_model
-    n = encoder.n
+    n = 0 if placement == "template" else encoder.n
     seq2seq = fam.kind == "encoder-decoder"
 
     def before(module, args, kwargs):
@@ -84,7 +87,14 @@ def add_prompt(model: nn.Module, fam: Family, encoder: PromptEncoder) -> nn.Modu
             and kwargs.get("labels") is None  # a seq2seq LM builds the decoder input from its labels
         ):
             kwargs["decoder_input_ids"] = shift_right(model, ids)
-        embeds = backbone.get_input_embeddings()(ids)
+        slots = ids < 0
+        embeds = backbone.get_input_embeddings()(ids.clamp(min=0))
+        if placement == "template":
+            if slots.any() and int(-ids.min()) > encoder.n:
+                raise UserError(f"the template has {int(-ids.min())} [P] slots; set method.length to that")
+            prompt = encoder().to(embeds.dtype)[(-ids - 1).clamp(min=0)]
+            kwargs["inputs_embeds"] = torch.where(slots[..., None], prompt, embeds)
+            return args, kwargs
         prompt = encoder().to(embeds.dtype).unsqueeze(0).expand(ids.shape[0], -1, -1)
         kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
         mask = kwargs.get("attention_mask")
@@ -97,7 +107,7 @@ def add_prompt(model: nn.Module, fam: Family, encoder: PromptEncoder) -> nn.Modu
         return args, kwargs
 
     def after(module, args, kwargs, output):
-        if seq2seq:  # the decoder's states (the head's input) have the original length already
+        if seq2seq or n == 0:  # the decoder's states (the head's input) have the original length already
             return output
         output["last_hidden_state"] = output["last_hidden_state"][:, n:]
         pooler = getattr(module, "pooler", None)
@@ -159,7 +169,9 @@ def label_token_ids(cfg: DictConfig) -> list[list[int]]:
     return out
 
 
-def apply_prompt(model: nn.Module, cfg: DictConfig, fam: Family, kind: str, hidden: int = 0) -> nn.Module:
+def apply_prompt(
+    model: nn.Module, cfg: DictConfig, fam: Family, kind: str, hidden: int = 0, placement: str = "prepend"
+) -> nn.Module:
     n = positive_int(cfg.length, "method.length")
     d = model.base_model.get_input_embeddings().weight.shape[1]
     p = next(model.parameters())
@@ -171,6 +183,6 @@ def apply_prompt(model: nn.Module, cfg: DictConfig, fam: Family, kind: str, hidd
                 m.reset_parameters()
     freeze(model)
     init_prompt(encoder, model, cfg)
-    model = add_prompt(model, fam, encoder)
+    model = add_prompt(model, fam, encoder, placement)
     unfreeze_head(model, fam)
     return model

@@ -126,7 +126,7 @@ def records_table(records: list[dict], stat: str = "mean") -> list[dict[str, str
 
 def params_table(points: Iterable[tuple[str, str, Any]]) -> list[dict[str, str]]:
     """Trainable parameters of each (model, method), on the meta device."""
-    from peftbench.methods import apply_method
+    from peftbench.methods import apply_method, stored_count
     from peftbench.models import count, meta_model
 
     rows = []
@@ -141,6 +141,7 @@ def params_table(points: Iterable[tuple[str, str, Any]]) -> list[dict[str, str]]
                 {
                     **row,
                     "trainable (no head)": "n/a",
+                    "stored (no head)": "",
                     "%": "",
                     "trainable (with head)": "",
                     "total (no head)": "",
@@ -152,6 +153,7 @@ def params_table(points: Iterable[tuple[str, str, Any]]) -> list[dict[str, str]]
             {
                 **row,
                 "trainable (no head)": f"{c['trainable_without_head']:,}",
+                "stored (no head)": f"{stored_count(model, c['trainable_without_head']):,}",
                 "%": f"{100 * c['trainable_without_head'] / c['total_without_head']:.4f}",
                 "trainable (with head)": f"{c['trainable']:,}",
                 "total (no head)": f"{c['total_without_head']:,}",

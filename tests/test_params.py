@@ -102,3 +102,14 @@ def test_params_cli_prints_the_paper_numbers(capsys):
     assert main(["params", "method=lora", "model=roberta-base", "--format", "csv"]) == 0
     out = capsys.readouterr().out
     assert 'roberta-base,lora,"294,912"' in out
+
+
+def test_params_cli_prefix_stored_and_training_counts_beside_lora_r4(capsys):
+    """Li & Liang's E2E setting on GPT-2 Medium: the prefix keeps 10 x 24 x 2 x 1024 = 491,520 after the
+    MLP is dropped but trains 25,750,016 with it; LoRA r=4 on q, v adds 2 x 24 x 2 x 1024 x 4 = 393,216."""
+    from peftbench.cli import main
+
+    assert main(["params", "method=prefix_tuning", "model=gpt2-medium", "--format", "csv"]) == 0
+    assert 'gpt2-medium,prefix_tuning,"25,750,016","491,520"' in capsys.readouterr().out
+    assert main(["params", "method=lora", "method.r=4", "model=gpt2-medium", "--format", "csv"]) == 0
+    assert 'gpt2-medium,lora,"393,216","393,216"' in capsys.readouterr().out

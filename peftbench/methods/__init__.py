@@ -57,6 +57,16 @@ def finish(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def stored_count(model: torch.nn.Module, trainable_without_head: int) -> int:
+    """Parameters kept after training, without the head: the trainable ones, except that modules with a
+    training-only reparameterisation (prefix tuning's MLP) count what they keep (`stored_numel()`)."""
+    for module in model.modules():
+        if callable(getattr(module, "stored_numel", None)):
+            during = sum(p.numel() for p in module.parameters() if p.requires_grad)
+            trainable_without_head += module.stored_numel() - during
+    return trainable_without_head
+
+
 def unwrap_trained_heads(model: torch.nn.Module) -> None:
     """Replace peft's modules_to_save wrappers by their trained copies. peft's IA3 merge_and_unload would
     otherwise copy `.weight` onto a head that has none (RobertaClassificationHead, T5ClassificationHead)."""

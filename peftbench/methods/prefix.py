@@ -104,6 +104,10 @@ class PrefixEncoder(nn.Module):
         self.current: torch.Tensor | None = None
         self.merged = False
 
+    def stored_numel(self) -> int:
+        """What is kept after training (the MLP dropped): n x layers x 2 x d."""
+        return self.n * self.layers * 2 * self.h * self.dh
+
     def compute(self) -> None:
         p = self.mlp(self.embedding) if hasattr(self, "mlp") else self.prefix
         self.current = p.view(self.n, self.layers, 2, self.h, self.dh).permute(1, 2, 3, 0, 4)

@@ -81,7 +81,9 @@ def unwrap_trained_heads(model: torch.nn.Module) -> None:
 
 def save_trainable(model: torch.nn.Module, folder: Path) -> str:
     """Adapters of peft methods in peft's format (PeftModel.from_pretrained loads them); every other trained
-    tensor as safetensors (trainable.safetensors, parameter name -> tensor)."""
+    tensor as safetensors (trainable.safetensors, parameter name -> tensor). When a model mixes both (GPT-2's
+    fused q|k|v modules next to peft's), the safetensors file holds every trained tensor, so load_trainable
+    alone rebuilds the model."""
     folder.mkdir(parents=True, exist_ok=True)
     formats = []
     saved_by_peft: set[str] = set()
@@ -94,11 +96,10 @@ def save_trainable(model: torch.nn.Module, folder: Path) -> str:
             if ("lora_" in n or "ia3_l" in n) and ".base_layer." not in n
         }
         saved_by_peft |= {n for n, _ in model.named_parameters() if "modules_to_save" in n}
-    tensors = {
-        n: p.detach().contiguous().cpu()
-        for n, p in model.named_parameters()
-        if p.requires_grad and n not in saved_by_peft
-    }
+    trained = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {n: t for n, t in trained.items() if n not in saved_by_peft}
+    if tensors and saved_by_peft:
+        tensors = trained
     if tensors:
         save_file(tensors, str(folder / "trainable.safetensors"))
         formats.append("safetensors")

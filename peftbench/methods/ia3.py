@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from peft import IA3Config, get_peft_model
 from torch import nn
 
-from peftbench.methods import freeze, unfreeze_head
+from peftbench.methods import freeze, remember, unfreeze_head
 from peftbench.models import Family
 
 
@@ -47,7 +47,7 @@ def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
             if isinstance(m, FusedIA3):
                 m.ia3_k.requires_grad_(True)
                 m.ia3_v.requires_grad_(True)
-    return model
+    return remember(model, cfg)
 
 
 class FusedIA3(nn.Module):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from peftbench.errors import UserError
-from peftbench.methods import freeze, positive_int, unfreeze_head
+from peftbench.methods import freeze, positive_int, remember, unfreeze_head
 from peftbench.models import Family
 
 SLICES = ("q", "k", "v")
@@ -61,7 +61,7 @@ def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
         add_fused_lora(model, fam, [SLICES.index(t) for t in fused], r, cfg.alpha, cfg.dropout)
     if cfg.get("init_from") and next(model.parameters()).device.type != "meta":
         warm_start(model, Path(cfg.init_from))
-    return model
+    return remember(model, cfg, init_from=None)  # a reload overwrites A, B: no warm start needed
 
 
 def warm_start(model: nn.Module, folder: Path) -> None:

@@ -39,8 +39,9 @@ def test_every_point_of_every_preset_composes_and_its_columns_exist(name, compos
 
 def test_offline_minilm_grid_size_and_only_slices():
     preset = experiment.load_preset("offline_minilm")
-    # 10 methods x (RTE, SST-2) x 3 seeds + the LoRA rank sweep (3 more ranks, SST-2 only) x 3 seeds
-    assert len(experiment.expand(preset)) == 10 * 2 * 3 + 3 * 1 * 3
+    # 10 methods x (RTE, SST-2) x 3 seeds, FT / BitFit / LoRA also x (MRPC, CB), the LoRA rank sweep (3 more
+    # ranks, SST-2 only)
+    assert len(experiment.expand(preset)) == 10 * 2 * 3 + 3 * 2 * 3 + 3 * 1 * 3
     some = experiment.expand(preset, only="task=rte|sst2,row=BitFit")
     assert {(p.task, p.row) for p in some} == {("rte", "BitFit"), ("sst2", "BitFit")} and len(some) == 6
     with pytest.raises(Exception, match="keys: row, task, seed, model, method"):

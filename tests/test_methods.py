@@ -167,10 +167,11 @@ def test_prompt_tuning_adds_length_x_d_model(compose, model, d):
 
 
 def test_p_tuning_counts_the_prompt_encoder_and_the_backbone_option(compose):
-    d, h, n = 768, 768, 20
+    d, h, n = 768, 384, 20  # THUDM/P-tuning: LSTM of d / 2 per direction, MLP head d -> d -> d
     # 2-layer bidirectional LSTM (4 gates; the second layer reads both directions: 2h) + the MLP head
     lstm = 2 * (4 * h * (d + h) + 8 * h) + 2 * (4 * h * (2 * h + h) + 8 * h)
     mlp_head = (2 * h * 2 * h + 2 * h) + (2 * h * d + d)
+    assert 2 * h == d
     c, _ = counts(compose, "method=p_tuning", "model=roberta-base")
     assert c["trainable_without_head"] == n * d + lstm + mlp_head
     tuned, _ = counts(compose, "method=p_tuning", "model=roberta-base", "method.tune_backbone=true")

@@ -25,7 +25,7 @@ PLACEMENTS = ("prepend", "template")
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
     if cfg.encoder not in ENCODERS:
         raise choice_error("method.encoder", cfg.encoder, ENCODERS)
-    hidden = positive_int(cfg.hidden, "method.hidden")
+    hidden = positive_int(cfg.hidden, "method.hidden") if cfg.hidden is not None else 0  # 0: the paper's
     if not isinstance(cfg.tune_backbone, bool):
         raise choice_error("method.tune_backbone", cfg.tune_backbone, ["true", "false"])
     placement = cfg.get("placement", "prepend")

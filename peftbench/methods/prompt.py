@@ -174,6 +174,9 @@ def apply_prompt(
 ) -> nn.Module:
     n = positive_int(cfg.length, "method.length")
     d = model.base_model.get_input_embeddings().weight.shape[1]
+    # THUDM/P-tuning's prompt encoder (LAMA/p_tuning/prompt_encoder.py): a 2-layer bidirectional LSTM of d / 2
+    # per direction, then Linear(d, d), ReLU, Linear(d, d); the MLP encoder's default width is d
+    hidden = hidden or (d // 2 if kind == "lstm" else d)
     p = next(model.parameters())
     encoder = PromptEncoder(n, d, kind, hidden, p.device, p.dtype)
     if kind in ("lstm", "mlp") and p.device.type != "meta":

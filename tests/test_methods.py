@@ -290,17 +290,21 @@ def test_peft_adapters_reload_in_a_fresh_process_to_identical_logits(compose, tm
         assert torch.equal(torch.load(tmp_path / name / "logits.pt"), logits), name
 
 
+@pytest.mark.parametrize("method", ["ia3", "lora"])
 @pytest.mark.parametrize("model", ["tiny-roberta", "tiny-gpt2", "tiny-t5"])
-def test_ia3_merged_equals_unmerged(compose, model):
+def test_merged_equals_unmerged(compose, method, model):
+    """IA3 and LoRA (peft's, and our fused GPT-2 modules) merged into the weights: no method module or
+    parameter is left, and the logits equal the unmerged model's within 1e-5."""
     require_data()
     from peftbench.methods.ia3 import FusedIA3
+    from peftbench.methods.lora import FusedLoRA
 
-    _, setup, batch = trained(compose, "ia3", model)
+    _, setup, batch = trained(compose, method, model)
     with torch.no_grad():
         unmerged = setup.batcher.logits(setup.model, batch)
         merged_model = finish(setup.model)
-        assert not any(isinstance(m, FusedIA3) for m in merged_model.modules())
-        assert not any("ia3" in n for n, _ in merged_model.named_parameters())
+        assert not any(isinstance(m, (FusedIA3, FusedLoRA)) for m in merged_model.modules())
+        assert not any(k in n for n, _ in merged_model.named_parameters() for k in ("ia3_", "lora_"))
         assert torch.allclose(setup.batcher.logits(merged_model, batch), unmerged, atol=1e-5)
 
 

@@ -43,8 +43,9 @@ def require_data(*parts: str) -> Path:
     return path
 
 
-def overfit(setup, lr: float, steps: int) -> list[float]:
-    """AdamW on one fixed batch of a prepared run, without dropout; the loss after each step."""
+def overfit(setup, lr: float, steps: int, first_grads: set[str] | None = None) -> list[float]:
+    """AdamW on one fixed batch of a prepared run, without dropout; the loss after each step. `first_grads`
+    (if given) receives the names of the parameters the first backward pass reached."""
     params = [p for p in setup.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     batch = next(iter(setup.train_loader))
@@ -53,6 +54,8 @@ def overfit(setup, lr: float, steps: int) -> list[float]:
     for _ in range(steps):
         loss = setup.batcher.loss(setup.model, batch)
         loss.backward()
+        if first_grads is not None and not losses:
+            first_grads.update(n for n, p in setup.model.named_parameters() if p.grad is not None)
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())

@@ -54,19 +54,9 @@ def test_new_method_matrix(compose, method, model):
     in_head = {n for n in trainable if not head.isdisjoint(n.split("."))}
     own = trainable - in_head
     assert own and all(any(k in n for k in OWN[method]) for n in own), sorted(own)[:5]
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=LR.get(method, 2e-2))
-    batch = next(iter(setup.train_loader))
-    m.eval()  # no dropout: the fall in loss is the optimizer's alone
-    losses = []
-    for step in range(30):
-        loss = setup.batcher.loss(m, batch)
-        loss.backward()
-        if step == 0:
-            got_grad = {n for n, p in m.named_parameters() if p.grad is not None}
-            assert got_grad <= trainable and got_grad & own
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    got_grad: set[str] = set()
+    losses = overfit(setup, lr=LR.get(method, 2e-2), steps=30, first_grads=got_grad)  # no dropout
+    assert got_grad <= trainable and got_grad & own
     # Random tiny BERT-likes give near-identical features for every input (see test_train.py: BitFit); the
     # real MiniLM test below checks they learn. The others must fit the batch.
     bert_like = fam.kind == "encoder"

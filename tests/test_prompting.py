@@ -91,21 +91,12 @@ def test_method_matrix_through_the_lm_head(compose, method, model):
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert trainable and all(any(k in n for k in OWN[method]) for n in trainable), sorted(trainable)[:5]
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=LR.get(method, 2e-2))
-    batch = next(iter(s.train_loader))
-    m.eval()
-    losses = []
     # a soft prompt moves only the encoder's input of a seq2seq model; the frozen random decoder of a
     # 2-layer T5 / BART lets its loss fall slower (Lester et al. train for 30k steps)
     slow = method in ("prompt_tuning", "p_tuning") and family(cfg.model).kind == "encoder-decoder"
-    for step in range(20 if slow else 10):
-        loss = s.batcher.loss(m, batch)
-        loss.backward()
-        if step == 0:
-            assert {n for n, p in m.named_parameters() if p.grad is not None} <= trainable
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    got_grad: set[str] = set()
+    losses = overfit(s, lr=LR.get(method, 2e-2), steps=20 if slow else 10, first_grads=got_grad)
+    assert got_grad <= trainable
     assert losses[-1] < (0.96 if slow else 0.9) * losses[0], losses
     frozen = [n for n in before if n not in trainable]
     assert frozen and all(torch.equal(m.get_parameter(n), before[n]) for n in frozen)

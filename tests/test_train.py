@@ -109,17 +109,8 @@ def test_method_matrix_loss_falls_and_only_the_right_weights_move(compose, model
     assert {n for n, p in model_.named_parameters() if p.requires_grad} == {
         n for n, p in ref.named_parameters() if p.requires_grad
     }
-    params = [p for p in model_.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr={"full": 3e-3, "ft_top2": 3e-3, "lora": 2e-2, "bitfit": 2e-2}[method])
-    batch = next(iter(setup.train_loader))
-    model_.eval()  # no dropout: the fall in loss is the optimizer's alone
-    losses = []
-    for _ in range(40):
-        loss = setup.batcher.loss(model_, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    lr = {"full": 3e-3, "ft_top2": 3e-3, "lora": 2e-2, "bitfit": 2e-2}[method]
+    losses = overfit(setup, lr=lr, steps=40)  # no dropout: the fall in loss is the optimizer's alone
     # Biases alone barely move a random tiny model's near-identical features; real features: test below.
     assert losses[-1] < (losses[0] if method == "bitfit" else 0.7 * losses[0]), losses
     moved = {n for n, p in model_.named_parameters() if not torch.equal(p.detach(), before[n])}

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from peftbench.errors import UserError
-from peftbench.tasks.classification import group_of
+from peftbench.tasks.classification import fields_of, group_of
 
 
 class Fields(dict):
@@ -46,8 +46,7 @@ class Fields(dict):
 
 
 def row_fields(task_cfg: DictConfig, row: dict) -> dict:
-    derived = task_cfg.get("derived") or {}
-    fields = {**row, **dict(derived.get(row.get(task_cfg.get("derive_from", "")), {}))}
+    fields = fields_of(task_cfg, row)
     return Fields({k: v.strip() if isinstance(v, str) else v for k, v in fields.items()})
 
 
@@ -65,6 +64,11 @@ def format_prompt(task_cfg: DictConfig, row: dict, key: str = "template") -> tup
 
 
 SLOT = "[P]"
+
+
+def anchored(cfg: DictConfig) -> bool:
+    """P-tuning's placement: the prompt vectors fill the [P] slots of task.prompt.anchored."""
+    return cfg.method.get("placement") == "template"
 
 
 def tokenize_with_slots(tokenizer, text: str) -> list[int]:
@@ -114,25 +118,29 @@ def encode_prompted(
     real anchor words around [P] prompt slots (P-tuning, Liu et al. 2021 Sec. 3)."""
     prefix = "".join(solved(task_cfg, d) + separator for d in demos)
     max_len = int(task_cfg.max_length)
+    specials = tokenizer("")["input_ids"]  # how the tokenizer wraps a text: [CLS] [SEP], <s> </s>, </s>
     out = []
     for row in rows:
-        if anchored:
-            context, choices = format_prompt(task_cfg, row, "anchored")
-            ctx = tokenize_with_slots(tokenizer, context)
-        else:
-            context, choices = format_prompt(task_cfg, row)
-            ctx = tokenizer(prefix + context, add_special_tokens=False)["input_ids"]
-        seqs = [sequence(tokenizer, kind, ctx, c, max_len) for c in choices]
+        context, choices = format_prompt(task_cfg, row, "anchored" if anchored else "template")
+        text = prefix + context
+        ctx = (
+            tokenize_with_slots(tokenizer, text)
+            if anchored
+            else tokenizer(text, add_special_tokens=False)["input_ids"]
+        )
+        seqs = [sequence(tokenizer, kind, ctx, c, max_len, specials) for c in choices]
         out.append(
             {"choices": seqs, "label": row["label"], "idx": row["idx"], "group": group_of(task_cfg, row)}
         )
     return out
 
 
-def sequence(tokenizer, kind: str, ctx: list[int], choice: str, max_len: int) -> dict[str, list[int]]:
+def sequence(
+    tokenizer, kind: str, ctx: list[int], choice: str, max_len: int, specials: list[int]
+) -> dict[str, list[int]]:
     if kind == "encoder-decoder":  # T5 / BART: the answer is the decoder's target (with its special tokens)
         target = tokenizer(choice)["input_ids"]
-        ids = with_specials(tokenizer, ctx[-(max_len - 2) :])
+        ids = with_specials(specials, ctx[-(max_len - 2) :])
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": target}
     answer = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
     if not answer:
@@ -143,17 +151,16 @@ def sequence(tokenizer, kind: str, ctx: list[int], choice: str, max_len: int) ->
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
     # encoder (masked LM): [CLS] context [MASK] * len(answer) [SEP]; each mask scores one answer token
     body = ctx[-max(1, max_len - len(answer) - 2) :] + [tokenizer.mask_token_id] * len(answer)
-    ids = with_specials(tokenizer, body)
+    ids = with_specials(specials, body)
     start = ids.index(tokenizer.mask_token_id, len(ids) - len(answer) - 2)
     labels = [-100] * len(ids)
     labels[start : start + len(answer)] = answer
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def with_specials(tokenizer, body: list[int]) -> list[int]:
+def with_specials(specials: list[int], body: list[int]) -> list[int]:
     """body with the tokenizer's own special tokens around it: [CLS] .. [SEP] (BERT), <s> .. </s> (RoBERTa,
-    BART), .. </s> (T5), read off how it encodes the empty string."""
-    specials = tokenizer("")["input_ids"]
+    BART), .. </s> (T5), as the tokenizer encodes the empty string (`specials`)."""
     if len(specials) == 2:
         return specials[:1] + body + specials[1:]
     return body + specials
@@ -211,8 +218,7 @@ class RankBatcher:
         return lp.view(b, -1, lp.shape[-1]), keep.view(b, -1, keep.shape[-1])
 
     def scores(self, lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        total = (lp * mask).sum(-1)
-        return total / mask.sum(-1).clamp(min=1) if self.length_norm else total
+        return mean_logprob(lp, mask) if self.length_norm else (lp * mask).sum(-1)
 
     def logits(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return self.calibrate(self.scores(*self.token_logprobs(model, batch)))
@@ -264,9 +270,13 @@ def tfew_loss(
         ul = -torch.log(1 - lp.exp() + 1e-2)
         loss = loss + w_ul * (ul * wrong).sum() / wrong.sum().clamp(min=1)
     if w_ln:
-        normed = (lp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        loss = loss + w_ln * F.cross_entropy(normed, labels)
+        loss = loss + w_ln * F.cross_entropy(mean_logprob(lp, mask), labels)
     return loss
+
+
+def mean_logprob(lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each choice's length-normalised score: the mean log p of its tokens, (B, C)."""
+    return (lp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
 def pad_to(seqs: list[list[int]], value: int) -> torch.Tensor:

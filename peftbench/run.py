@@ -36,7 +36,7 @@ from peftbench.faults import kill_point
 from peftbench.lock import RunLock, describe, try_lock
 from peftbench.methods import apply_method, finish, save_trainable
 from peftbench.models import count, family, load_model, uses_lm
-from peftbench.prompting import RankBatcher, content_free_prior, demonstrations, encode_prompted
+from peftbench.prompting import RankBatcher, anchored, content_free_prior, demonstrations, encode_prompted
 from peftbench.record import check_writable, read_record, run_id, write_record
 from peftbench.tasks import TaskData, load_task
 from peftbench.validate import validate
@@ -213,9 +213,9 @@ def prepare(cfg: DictConfig, record: dict[str, Any]) -> Setup:
             task.train = []
             record["demonstrations"] = [d["idx"] for d in demos]
         batcher = RankBatcher(tokenizer, fam.kind, cfg.train)
-        anchored = cfg.method.get("placement") == "template"  # P-tuning's [P] slots in the template
-        train = encode_prompted(task.train, cfg.task, tokenizer, fam.kind, anchored=anchored)
-        evals = encode_prompted(validation, cfg.task, tokenizer, fam.kind, demos, anchored=anchored)
+        slots = anchored(cfg)  # P-tuning's [P] slots in the template
+        train = encode_prompted(task.train, cfg.task, tokenizer, fam.kind, anchored=slots)
+        evals = encode_prompted(validation, cfg.task, tokenizer, fam.kind, demos, anchored=slots)
     else:
         batcher = Batcher(tokenizer, task.kind)
         train = encode(task.train, cfg.task, tokenizer)

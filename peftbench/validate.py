@@ -10,6 +10,7 @@ from peftbench.errors import UserError, choice_error
 from peftbench.methods import apply_method
 from peftbench.metrics import METRICS
 from peftbench.models import meta_model, uses_lm
+from peftbench.prompting import SLOT, anchored
 
 FORMATS = ("head", "prompt")
 
@@ -79,20 +80,20 @@ def check_format(cfg: DictConfig) -> None:
         raise UserError(
             f"method={cfg.method.name} scores answer choices with the LM head: add task.format=prompt"
         )
-    if cfg.method.get("placement") == "template":
+    if anchored(cfg):
         if not uses_lm(cfg):
             raise UserError(
                 "method.placement=template fills the [P] slots of task.prompt.anchored: add task.format=prompt"
             )
-        anchored = (cfg.task.get("prompt") or {}).get("anchored")
-        if not anchored:
+        template = (cfg.task.get("prompt") or {}).get("anchored")
+        if not template:
             raise UserError(
                 f"task {cfg.task.name} has no task.prompt.anchored template; use method.placement=prepend"
             )
-        if anchored.count("[P]") != cfg.method.length:
+        if template.count(SLOT) != cfg.method.length:
             raise UserError(
-                f"method.length={cfg.method.length} but task.prompt.anchored has {anchored.count('[P]')} [P] "
-                f"slots; set method.length={anchored.count('[P]')}"
+                f"method.length={cfg.method.length} but task.prompt.anchored has {template.count(SLOT)} [P] "
+                f"slots; set method.length={template.count(SLOT)}"
             )
     if uses_lm(cfg) and cfg.task.kind == "regression":
         raise UserError(f"task.format=prompt needs answer choices; {cfg.task.name} is a regression task")

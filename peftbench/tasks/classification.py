@@ -210,13 +210,18 @@ def format_pairs(cfg: DictConfig, row: dict) -> list[tuple[str, str | None]]:
     if cfg.kind == "multiple_choice":
         out = []
         for choice_field in cfg.choices:
-            fields = {**row, **dict(cfg.get("derived", {}).get(row.get(cfg.get("derive_from", "")), {}))}
+            fields = fields_of(cfg, row)
             fields["choice"] = row[choice_field]
             texts = [t.format(**fields) for t in inputs]
             out.append((texts[0], texts[1] if len(texts) > 1 else None))
         return out
     texts = [t.format(**row) for t in inputs]
     return [(texts[0], texts[1] if len(texts) > 1 else None)]
+
+
+def fields_of(cfg: DictConfig, row: dict) -> dict:
+    """The row's fields plus those its `derive_from` value derives (COPA: cause -> connective "because")."""
+    return {**row, **dict((cfg.get("derived") or {}).get(row.get(cfg.get("derive_from", "")), {}))}
 
 
 def group_of(cfg: DictConfig, row: dict) -> str | None:

@@ -39,6 +39,7 @@ from peftbench.models import count, family, load_model, uses_lm
 from peftbench.prompting import RankBatcher, anchored, content_free_prior, demonstrations, encode_prompted
 from peftbench.record import check_writable, read_record, run_id, write_record
 from peftbench.tasks import TaskData, load_task
+from peftbench.tasks.classification import shot_seed
 from peftbench.validate import validate
 
 
@@ -230,8 +231,12 @@ def prepare(cfg: DictConfig, record: dict[str, Any]) -> Setup:
         )
     eval_loader = DataLoader(evals, cfg.train.eval_batch_size, shuffle=False, collate_fn=batcher)
     record["data"] = {"sources": task.sources, "n_train": len(train), "n_eval": len(evals)}
-    if cfg.task.get("n_shot"):
-        record["data"]["train_ids"] = [r["idx"] for r in task.train]
+    if cfg.task.get("n_shot") or cfg.task.get("shots_from"):  # which few-shot rows, reproducibly
+        record["data"].update(
+            shots_from=cfg.task.get("shots_from"),
+            shot_seed=shot_seed(cfg.task, int(cfg.seed)),
+            train_ids=[r["idx"] for r in task.train],
+        )
     return Setup(model, task, train_loader, eval_loader, batcher, generator, demos)
 
 

@@ -110,6 +110,47 @@ def test_k_shot_is_seeded_and_balanced(compose):
         load_task(compose("task=rte", "task.n_shot=5000").task, seed=1)
 
 
+# (task, source, shot seed, file under the data folder): the published few-shot train sets
+PUBLISHED = [
+    ("rte", "tfew", 42, "t_few_few_shot/rte/32_shot/42_seed.jsonl"),
+    ("superglue_rte", "tfew", 1024, "t_few_few_shot/rte/32_shot/1024_seed.jsonl"),
+    ("cb", "tfew", 0, "t_few_few_shot/cb/32_shot/0_seed.jsonl"),
+    ("sst2", "tfew", 32, "t_few_few_shot/sst2/16_shot/32_seed.jsonl"),
+    ("boolq", "fewglue", 0, "superglue/BoolQ/fewglue_32dev/train.jsonl"),  # BoolQ's full train is not here
+    ("wic", "fewglue", 5, "superglue/WiC/fewglue_32dev/train.jsonl"),
+]
+
+
+@pytest.mark.parametrize("name,source,seed,rel", PUBLISHED)
+def test_published_few_shot_files_give_their_exact_rows(compose, name, source, seed, rel):
+    """Row for row the published file (ids, labels, order), whatever the run seed for FewGLUE's one set."""
+    import json
+
+    rows = [json.loads(line) for line in require_data(rel).read_text().splitlines() if line.strip()]
+    cfg = compose(f"task={name}", f"task.shots_from={source}")
+    data = load_task(cfg.task, seed=seed)
+    assert len(data.train) == len(rows) == 32
+    assert [r["idx"] for r in data.train] == [r["idx"] for r in rows]
+    labels = [str(x) for x in cfg.task.labels]
+    want = [
+        r["label"] if isinstance(r["label"], int) else labels.index(str(r["label"]).lower()) for r in rows
+    ]
+    assert [r["label"] for r in data.train] == want
+    assert data.sources["train"].endswith(rel)
+
+
+def test_published_split_errors_name_the_file_and_the_choices(compose):
+    require_data()
+    with pytest.raises(
+        UserError, match=r"7_seed.jsonl \(there: 0_seed.jsonl, .*42_seed.jsonl; set task.shot_seed"
+    ):
+        load_task(compose("task=rte", "task.shots_from=tfew").task, seed=7)
+    with pytest.raises(
+        UserError, match="unknown task.shots_from for task rte 'fewglue'.*; choose from: tfew$"
+    ):
+        load_task(compose("task=rte", "task.shots_from=fewglue").task, seed=0)
+
+
 def test_max_train_samples_is_a_seeded_subset(compose):
     require_data()
     cfg = compose("task=sst2")

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from peftbench.errors import UserError
+from peftbench.errors import UserError, choice_error
 from peftbench.paths import data_dir
 from peftbench.tasks import TaskData
 
@@ -26,9 +26,48 @@ SPLITS = ("train", "validation")
 def load(cfg: DictConfig, seed: int, max_train: int | None = None) -> TaskData:
     rows, sources = {}, {}
     for split in SPLITS:
-        rows[split], sources[split] = _load_split(cfg, split)
-    train = select_train(rows["train"], cfg, seed, max_train)
+        if split == "train" and cfg.get("shots_from"):
+            rows[split], sources[split] = published_shots(cfg, seed)
+        else:
+            rows[split], sources[split] = _load_split(cfg, split)
+    train = rows["train"] if cfg.get("shots_from") else select_train(rows["train"], cfg, seed, max_train)
     return TaskData(cfg.name, cfg.kind, list(cfg.labels or []), train, rows["validation"], sources)
+
+
+def shot_seed(cfg: DictConfig, seed: int) -> int:
+    return int(cfg.shot_seed) if cfg.get("shot_seed") is not None else int(seed)
+
+
+def published_shots(cfg: DictConfig, seed: int) -> tuple[list[dict], str]:
+    """A published k-shot train set, row for row: FewGLUE's 32 examples (Schick & Schuetze 2021, used by
+    P-tuning) or T-Few's k-shot file of the shot seed (r-three/t-few data/few_shot/<task>/<k>_shot/)."""
+    source = cfg.shots_from
+    files = cfg.get("shot_files") or {}
+    if source not in files:
+        raise choice_error(
+            f"task.shots_from for task {cfg.name}", source, list(files) or ["(none for this task)"]
+        )
+    spec = files[source]
+    rel = spec.path.format(seed=shot_seed(cfg, seed))
+    root = data_dir()
+    path = root / rel if root is not None else None
+    if path is None or not path.is_file():
+        have = (
+            sorted(p.name for p in path.parent.glob("*")) if path is not None and path.parent.is_dir() else []
+        )
+        raise UserError(
+            f"task {cfg.name}: no published {source} split at {path or '$PEFTBENCH_DATA_DIR/' + rel}"
+            + (f" (there: {', '.join(have)}; set task.shot_seed)" if have else "")
+            + f"; get it from {spec.origin}, or drop task.shots_from to draw task.n_shot rows with a seed"
+        )
+    if spec.get("format", "official") == "official":  # the task's own release format (SuperGLUE jsonl)
+        return _read_local(cfg, path), str(path)
+    columns = dict(spec.get("columns") or {})
+    rows = []
+    for line, row in _read_jsonl(cfg, path, flatten=False):  # hub schema, integer labels
+        row = {columns.get(k, k): v for k, v in row.items()}
+        rows.append(_normalise(cfg, row, "hub", line))
+    return rows, str(path)
 
 
 def select_train(rows: list[dict], cfg: DictConfig, seed: int, max_train: int | None) -> list[dict]:
@@ -36,8 +75,7 @@ def select_train(rows: list[dict], cfg: DictConfig, seed: int, max_train: int | 
     seeded shuffle. The shot seed defaults to the run seed, as in the few-shot papers' split files."""
     if cfg.get("n_shot"):
         k = int(cfg.n_shot)
-        shot_seed = cfg.get("shot_seed") if cfg.get("shot_seed") is not None else seed
-        rng = random.Random(shot_seed)
+        rng = random.Random(shot_seed(cfg, seed))
         if cfg.get("balanced") and cfg.kind != "regression":
             by_label: dict[Any, list] = defaultdict(list)
             for r in rows:
@@ -148,7 +186,7 @@ def _read_tsv(cfg: DictConfig, path: Path) -> list[tuple[int, dict]]:
     return out
 
 
-def _read_jsonl(cfg: DictConfig, path: Path) -> list[tuple[int, dict]]:
+def _read_jsonl(cfg: DictConfig, path: Path, flatten: bool = True) -> list[tuple[int, dict]]:
     out = []
     with open(path, encoding="utf-8") as f:
         for line, text in enumerate(f, start=1):
@@ -158,6 +196,9 @@ def _read_jsonl(cfg: DictConfig, path: Path) -> list[tuple[int, dict]]:
                 row = json.loads(text)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{line}: malformed JSON row ({e.msg})") from None
+            if not flatten:
+                out.append((line, row))
+                continue
             if cfg.local.get("flatten") == "multirc":
                 out += [(line, r) for r in _flatten_multirc(row)]
                 continue

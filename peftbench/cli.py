@@ -174,6 +174,7 @@ def run_experiment(name: str, args: list[str]) -> int:
     if not points:
         raise UserError(f"experiment {name}: only={only!r} selects no run")
     configs = warm_started(load_preset(name), points, [compose(list(p.overrides)) for p in points], extra)
+    points, configs = unique_runs(points, configs)
     for cfg in configs:
         validate(cfg)
     failed = []
@@ -188,6 +189,20 @@ def run_experiment(name: str, args: list[str]) -> int:
         print(f"peftbench: {len(failed)} of {len(points)} runs failed (see their records)", file=sys.stderr)
         return 1
     return 0
+
+
+def unique_runs(points: list, configs: list[DictConfig]) -> tuple[list, list[DictConfig]]:
+    """One run per run id: `experiment=tfew task=rte` sets every point's task to rte, and the points that
+    differed only in their task are then the same run."""
+    from peftbench.record import run_id
+
+    seen, keep = set(), []
+    for point, cfg in zip(points, configs):
+        rid = run_id(cfg)
+        if rid not in seen:
+            seen.add(rid)
+            keep.append((point, cfg))
+    return [p for p, _ in keep], [c for _, c in keep]
 
 
 def run_hydra(args: list[str]) -> int:

@@ -103,6 +103,11 @@ def demonstrations(train: list[dict], method_cfg: DictConfig, seed: int) -> list
     return picked
 
 
+def demonstration_text(task_cfg: DictConfig, demos: list[dict], separator: str = "\n\n") -> str:
+    """The solved demonstrations that go in front of every input (what in-context learning stores)."""
+    return "".join(solved(task_cfg, d) + separator for d in demos)
+
+
 def encode_prompted(
     rows: list[dict],
     task_cfg: DictConfig,
@@ -116,7 +121,7 @@ def encode_prompted(
     tokens that score the choice. The context is cut from the left to fit task.max_length (the query and
     its answer stay; the oldest demonstrations go first). `anchored`: the context is task.prompt.anchored,
     real anchor words around [P] prompt slots (P-tuning, Liu et al. 2021 Sec. 3)."""
-    prefix = "".join(solved(task_cfg, d) + separator for d in demos)
+    prefix = demonstration_text(task_cfg, demos, separator)
     max_len = int(task_cfg.max_length)
     specials = tokenizer("")["input_ids"]  # how the tokenizer wraps a text: [CLS] [SEP], <s> </s>, </s>
     out = []

@@ -29,14 +29,22 @@ from transformers import get_linear_schedule_with_warmup
 from peftbench import checkpoint
 from peftbench import metrics as M
 from peftbench.checkpoint import Progress, Resume, set_rng_states
+from peftbench.cost import add_training, static_cost
 from peftbench.data import Batcher, LengthGroupedBatches, encode, feature_length
 from peftbench.env import determinism, device_info, git_sha, peak_memory_mib, reset_peak_memory, versions
-from peftbench.errors import UserError, disk_full_is_user_error
+from peftbench.errors import UserError, choice_error, disk_full_is_user_error
 from peftbench.faults import kill_point
 from peftbench.lock import RunLock, describe, try_lock
-from peftbench.methods import apply_method, finish, save_trainable
+from peftbench.methods import apply_method, finish, save_trainable, stored_count
 from peftbench.models import count, family, load_model, uses_lm
-from peftbench.prompting import RankBatcher, anchored, content_free_prior, demonstrations, encode_prompted
+from peftbench.prompting import (
+    RankBatcher,
+    anchored,
+    content_free_prior,
+    demonstration_text,
+    demonstrations,
+    encode_prompted,
+)
 from peftbench.record import check_writable, read_record, run_id, write_record
 from peftbench.tasks import TaskData, load_task
 from peftbench.tasks.classification import shot_seed
@@ -231,6 +239,14 @@ def prepare(cfg: DictConfig, record: dict[str, Any]) -> Setup:
         )
     eval_loader = DataLoader(evals, cfg.train.eval_batch_size, shuffle=False, collate_fn=batcher)
     record["data"] = {"sources": task.sources, "n_train": len(train), "n_eval": len(evals)}
+    stored = (
+        stored_count(model, counts["trainable_without_head"])
+        + counts["trainable"]
+        - counts["trainable_without_head"]
+    )
+    demo_text = demonstration_text(cfg.task, demos) if cfg.method.get("shots") is not None else None
+    seq2seq = lm and fam.kind == "encoder-decoder"
+    record["cost"] = static_cost(model, counts["total"], stored, train, evals, seq2seq, demo_text)
     if cfg.task.get("n_shot") or cfg.task.get("shots_from"):  # which few-shot rows, reproducibly
         record["data"].update(
             shots_from=cfg.task.get("shots_from"),
@@ -250,9 +266,7 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
     params = [p for p in s.model.parameters() if p.requires_grad]
     if not params:
         return evaluate_only(cfg, record, s, acc)
-    opt = torch.optim.AdamW(
-        params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.adam_betas), eps=t.adam_eps
-    )
+    opt = make_optimizer(params, t)
     n_batches = len(s.train_loader)
     steps_per_epoch = math.ceil(n_batches / t.grad_accum)
     total_steps = int(t.max_steps) if t.max_steps else steps_per_epoch * int(t.epochs)
@@ -333,6 +347,27 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
         record["final"]["merged"] = True
 
 
+def make_optimizer(params: list[torch.nn.Parameter], t: DictConfig) -> torch.optim.Optimizer:
+    """AdamW (the GLUE papers), or Adafactor as T-Few runs it: a fixed lr, no relative step, no warmup
+    init (t-few src/utils/get_optimizer.py; `adafactor_scale_parameter` is its `scale_parameter`)."""
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(
+            params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.adam_betas), eps=t.adam_eps
+        )
+    if t.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            params,
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            scale_parameter=bool(t.adafactor_scale_parameter),
+            relative_step=False,
+            warmup_init=False,
+        )
+    raise choice_error("train.optimizer", t.optimizer, ["adamw", "adafactor"])  # validate() checks it first
+
+
 def evaluate_only(cfg: DictConfig, record: dict[str, Any], s: Setup, acc: Accelerator) -> None:
     """Nothing trains (in-context learning): one evaluation, with contextual calibration if asked."""
     model, eval_loader = acc.prepare(s.model, s.eval_loader)
@@ -373,6 +408,7 @@ def finish_record(
     t = cfg.train
     losses, train_time = p.losses, p.train_s
     record["evals"], record["best"] = p.evals, p.best
+    add_training(record["cost"], p.samples)
     record["train"] = {
         "steps": p.step,
         "epochs": round(p.step / steps_per_epoch, 3),

@@ -12,6 +12,8 @@ from peftbench.metrics import METRICS
 from peftbench.models import meta_model, uses_lm
 from peftbench.prompting import SLOT, anchored
 
+OPTIMIZERS = ("adamw", "adafactor")
+
 FORMATS = ("head", "prompt")
 
 
@@ -35,6 +37,8 @@ def validate(cfg: DictConfig) -> None:
     _positive(t.log_every, "train.log_every")
     if not 0 <= t.warmup_ratio < 1:
         raise UserError(f"train.warmup_ratio={t.warmup_ratio!r}: must be in [0, 1)")
+    if t.optimizer not in OPTIMIZERS:
+        raise choice_error("train.optimizer", t.optimizer, OPTIMIZERS)
     if t.weight_decay < 0:
         raise UserError(f"train.weight_decay={t.weight_decay!r}: must be >= 0")
     if t.eval_every != "epoch":

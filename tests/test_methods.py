@@ -99,6 +99,8 @@ def counts(compose, *more):
         ("gpt2-medium", 24 * (1024 + 1024 + 4096)),  # decoder without cross-attention: 147,456
         ("t5-base", 12 * (768 + 768 + 3072) + 12 * (2 * 768 + 2 * 768 + 3072)),  # enc + dec: 129,024
         ("bart-base", 6 * (768 + 768 + 3072) + 6 * (2 * 768 + 2 * 768 + 3072)),
+        # T-Few's T0-3B (d_k = d_v = 32 heads x 64, gated d_ff 5120): 540,672, the paper's 0.01 %
+        ("t0-3b", 24 * (2048 + 2048 + 5120) + 24 * (2 * 2048 + 2 * 2048 + 5120)),
     ],
 )
 def test_ia3_counts_follow_the_formula(compose, model, expected):

@@ -30,6 +30,22 @@ def test_tfew_losses_on_known_values():
     assert tfew_loss(lp, mask, y, 1, 1, 1).item() == pytest.approx(lm + ul + ln, abs=1e-6)
 
 
+def test_tfew_losses_on_a_two_example_batch():
+    """T-Few's batch reductions: L_LM and L_UL average over tokens of the whole batch, L_LN over rows.
+    Row A (answer 0): choices [-0.5, -1.0] and [-2.0]; row B (answer 1): [-1.5, -0.2] and [-0.3]."""
+    lp = torch.tensor([[[-0.5, -1.0], [-2.0, 0.0]], [[-1.5, -0.2], [-0.3, 0.0]]])
+    mask = torch.tensor([[[True, True], [True, False]], [[True, True], [True, False]]])
+    y = torch.tensor([0, 1])
+    lm = (0.5 + 1.0 + 0.3) / 3  # the correct choices' tokens
+    ul = sum(-math.log(1 - math.exp(v) + 1e-2) for v in (-2.0, -1.5, -0.2)) / 3  # the wrong choices' tokens
+    ln = (
+        math.log(1 + math.exp(-2.0 + 0.75)) + math.log(1 + math.exp(-0.85 + 0.3))
+    ) / 2  # means -0.75/-2, -0.85/-0.3
+    assert tfew_loss(lp, mask, y, 1, 0, 0).item() == pytest.approx(lm, abs=1e-6)
+    assert tfew_loss(lp, mask, y, 0, 1, 0).item() == pytest.approx(ul, abs=1e-6)
+    assert tfew_loss(lp, mask, y, 0, 0, 1).item() == pytest.approx(ln, abs=1e-6)
+
+
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-t5", "tiny-bart", "tiny-bert", "tiny-roberta"])
 def test_each_family_scores_the_answer_tokens(compose, model):
     require_data()

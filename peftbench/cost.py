@@ -1,0 +1,72 @@
+"""What a method costs, in the units of T-Few's Table 1 (Liu et al. 2022, Sec. 4.2): inference FLOPs per
+example, training FLOPs, and the bytes that must be stored per task.
+
+FLOPs follow Kaplan et al. (2020), as T-Few does: a forward pass of an N-parameter model costs 2 N FLOPs per
+token it reads, and training costs 3 forward passes (forward + backward). The tokens are the ones this run
+really feeds the model: every answer choice's sequence in rank classification (each choice is a separate
+sequence), the demonstrations in front of every input for in-context learning, the decoder's target for
+T5 / BART.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import torch
+
+FORMULA = "inference = 2 N tokens per example; training = 3 x inference x examples trained (Kaplan et al. 2020, T-Few Sec. 4.2)"
+
+
+def example_tokens(feature: dict, seq2seq: bool) -> int:
+    """Tokens one example costs: the input of every choice (and its decoder target for seq2seq)."""
+    n = 0
+    for c in feature["choices"]:
+        n += len(c["input_ids"])
+        if seq2seq and isinstance(c.get("labels"), list):
+            n += len(c["labels"])
+    return n
+
+
+def mean_tokens(features: list[dict], seq2seq: bool) -> float:
+    return statistics.fmean(example_tokens(f, seq2seq) for f in features) if features else 0.0
+
+
+def stored_bytes(model: torch.nn.Module, stored_params: int) -> int:
+    """Bytes of what a task keeps: its stored parameters at the trainable parameters' precision."""
+    sizes = {p.element_size() for p in model.parameters() if p.requires_grad}
+    return stored_params * (max(sizes) if sizes else 4)
+
+
+def static_cost(
+    model: torch.nn.Module,
+    n_params: int,
+    stored_params: int,
+    train: list[dict],
+    evals: list[dict],
+    seq2seq: bool,
+    demonstrations: str | None,
+) -> dict[str, Any]:
+    """The run's costs that do not depend on how long it trains; `add_training` adds the rest."""
+    per_example = mean_tokens(evals, seq2seq)
+    if demonstrations is not None:  # in-context learning stores its prompt, not weights
+        disk, what = len(demonstrations.encode("utf-8")), "demonstrations (UTF-8 text)"
+    elif stored_params:
+        disk, what = stored_bytes(model, stored_params), "trained parameters (incl. a new head)"
+    else:
+        disk, what = 0, "nothing (zero-shot)"
+    return {
+        "params": n_params,
+        "inference_tokens_per_example": round(per_example, 2),
+        "inference_flops_per_example": 2.0 * n_params * per_example,
+        "train_tokens_per_example": round(mean_tokens(train, seq2seq), 2),
+        "training_flops": 0.0,
+        "disk_bytes": disk,
+        "disk_what": what,
+        "formula": FORMULA,
+    }
+
+
+def add_training(cost: dict[str, Any], examples_trained: int) -> None:
+    cost["examples_trained"] = examples_trained
+    cost["training_flops"] = 3 * 2.0 * cost["params"] * cost["train_tokens_per_example"] * examples_trained

@@ -1,4 +1,4 @@
-"""`peftbench VERB`: train | list | params | table | plot.
+"""`peftbench VERB`: train | list | params | table | plot | raft-submit.
 
 `train` is a Hydra app (overrides, -m sweeps, launchers); the other verbs are plain argparse commands that
 compose the same configs. Every bad input ends as one line on stderr and a non-zero exit code; pass --debug
@@ -23,7 +23,7 @@ from peftbench.errors import UserError, choice_error
 from peftbench.paths import config_dir, group_options
 
 GROUPS = ("method", "model", "task", "train", "experiment")
-VERBS = ("train", "list", "params", "table", "plot")
+VERBS = ("train", "list", "params", "table", "plot", "raft-submit")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +62,8 @@ def _main(argv: list[str]) -> int:
             return cmd_table(rest)
         if verb == "plot":
             return cmd_plot(rest)
+        if verb == "raft-submit":
+            return cmd_raft_submit(rest)
         raise choice_error("verb", verb, VERBS)
     except UserError as e:
         return fail(e)
@@ -455,6 +457,29 @@ def cmd_plot(args: list[str]) -> int:
         path = root / a.name / spec.file
         draw(series, spec, path)
         print(f"wrote {path}")
+    return 0
+
+
+def cmd_raft_submit(args: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="peftbench raft-submit",
+        description="RAFT leaderboard submission (data/<task>/predictions.csv: ID,Label) from the newest "
+        "finished run per task that ran with train.predict_test=true.",
+    )
+    p.add_argument("name", nargs="?", default="runs", help="experiment (results/<name>/); default: runs")
+    p.add_argument("--out", type=Path, required=True, help="folder of the submission (its data/ is written)")
+    p.add_argument("--results", type=Path, default=None)
+    p.add_argument(
+        "--partial", action="store_true", help="write the tasks that have predictions, skip the rest"
+    )
+    a = p.parse_args(args)
+    from peftbench.record import load_records
+    from peftbench.report import render
+    from peftbench.submit import write_submission
+
+    summary = write_submission(load_records((a.results or results_root()) / a.name), a.out, a.partial)
+    print(render(summary, "md"))
+    print(f"wrote {sum(1 for r in summary if r['rows'])} of {len(summary)} tasks to {a.out / 'data'}")
     return 0
 
 

@@ -112,6 +112,8 @@ def table(preset: DictConfig, records: list[dict], stat: str | None = None, pape
     """The paper's layout: its rows and columns in its order, ours = protocol statistic ± std (n seeds),
     the paper's number and the difference beside it; runs that do not exist are 'missing', never 0."""
     stat = stat or preset.protocol.stat
+    if preset.get("layout") == "cost":
+        return cost_table(preset, records, stat, paper)
     columns = OmegaConf.to_container(preset.columns)  # task -> metric shown
     out = []
     for row in preset.rows:
@@ -166,6 +168,45 @@ def table(preset: DictConfig, records: list[dict], stat: str | None = None, pape
             line["Avg"] = avg
         out.append(line)
     return out
+
+
+def cost_table(preset: DictConfig, records: list[dict], stat: str, paper: bool = True) -> list[dict]:
+    """T-Few's Table 1 layout for one task: method, inference FLOPs per example, training FLOPs, disk space
+    per task, accuracy; costs are each run's measured `cost` (peftbench/cost.py), averaged over seeds."""
+    ((task, metric),) = OmegaConf.to_container(preset.columns).items()
+    header = f"{preset.get('column_names', {}).get(task, task)} {METRIC_SHORT.get(metric, metric)}"
+    costs = {
+        "inference FLOPs / example": ("inference_flops_per_example", lambda v: f"{v:.2e}"),
+        "training FLOPs": ("training_flops", lambda v: f"{v:.2e}" if v else "0"),
+        "disk space / task": ("disk_bytes", format_bytes),
+    }
+    out = []
+    for row in preset.rows:
+        done = [
+            r
+            for r in records
+            if r.get("row") == row.label and r["task"] == task and r["status"] == "finished"
+        ]
+        reported = (row.get("paper") or {}) if paper else {}
+        line = {"method": row.label, "model": row.model}
+        for name, (key, fmt) in costs.items():
+            line[name] = fmt(statistics.fmean(r["cost"][key] for r in done)) if done else "missing"
+            if reported.get(key) is not None:
+                line[name] += f" [paper {reported[key]}]"
+        values = [r["best"]["metrics"][metric] for r in done]
+        spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+        line[header] = f"{_stat(values, stat):.1f}{spread} (n={len(values)})" if values else "missing"
+        if reported.get("accuracy") is not None:
+            line[header] += f" [paper {reported['accuracy']}]"
+        out.append(line)
+    return out
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
 
 
 def plot_series(

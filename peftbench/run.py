@@ -6,6 +6,8 @@ plain accelerate loop (no Trainer), so losses, evaluation, timing and memory are
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import os
 import random
@@ -45,7 +47,7 @@ from peftbench.prompting import (
     demonstrations,
     encode_prompted,
 )
-from peftbench.record import check_writable, read_record, run_id, write_record
+from peftbench.record import check_writable, read_record, run_id, write_atomic, write_record
 from peftbench.tasks import TaskData, load_task
 from peftbench.tasks.classification import shot_seed
 from peftbench.validate import validate
@@ -199,6 +201,7 @@ class Setup:
     batcher: Batcher
     generator: torch.Generator  # draws the train order; its state at an epoch's start fixes that epoch
     demos: list[dict]  # in-context demonstrations (prompt format, method=icl)
+    test_loader: DataLoader | None = None  # unlabelled test rows to predict (train.predict_test)
 
 
 def prepare(cfg: DictConfig, record: dict[str, Any]) -> Setup:
@@ -224,11 +227,23 @@ def prepare(cfg: DictConfig, record: dict[str, Any]) -> Setup:
         batcher = RankBatcher(tokenizer, fam.kind, cfg.train)
         slots = anchored(cfg)  # P-tuning's [P] slots in the template
         train = encode_prompted(task.train, cfg.task, tokenizer, fam.kind, anchored=slots)
-        evals = encode_prompted(validation, cfg.task, tokenizer, fam.kind, demos, anchored=slots)
+
+        def enc(rows):
+            return encode_prompted(rows, cfg.task, tokenizer, fam.kind, demos, anchored=slots)
     else:
         batcher = Batcher(tokenizer, task.kind)
         train = encode(task.train, cfg.task, tokenizer)
-        evals = encode(validation, cfg.task, tokenizer)
+
+        def enc(rows):
+            return encode(rows, cfg.task, tokenizer)
+
+    evals = enc(validation)
+    test_loader = None
+    if cfg.train.predict_test:
+        if not task.test:
+            raise UserError(f"train.predict_test=true but task {cfg.task.name} has no unlabelled test split")
+        test = enc(task.test[: cfg.train.max_test_samples or None])
+        test_loader = DataLoader(test, cfg.train.eval_batch_size, shuffle=False, collate_fn=batcher)
     generator = torch.Generator().manual_seed(int(cfg.seed))
     if cfg.train.group_by_length:
         sampler = LengthGroupedBatches([feature_length(f) for f in train], cfg.train.batch_size, generator)
@@ -238,7 +253,7 @@ def prepare(cfg: DictConfig, record: dict[str, Any]) -> Setup:
             train, cfg.train.batch_size, shuffle=True, generator=generator, collate_fn=batcher
         )
     eval_loader = DataLoader(evals, cfg.train.eval_batch_size, shuffle=False, collate_fn=batcher)
-    record["data"] = {"sources": task.sources, "n_train": len(train), "n_eval": len(evals)}
+    record["data"] = {"sources": task.sources, "n_train": len(train), "n_eval": len(evals), **task.notes}
     stored = (
         stored_count(model, counts["trainable_without_head"])
         + counts["trainable"]
@@ -253,7 +268,7 @@ def prepare(cfg: DictConfig, record: dict[str, Any]) -> Setup:
             shot_seed=shot_seed(cfg.task, int(cfg.seed)),
             train_ids=[r["idx"] for r in task.train],
         )
-    return Setup(model, task, train_loader, eval_loader, batcher, generator, demos)
+    return Setup(model, task, train_loader, eval_loader, batcher, generator, demos, test_loader)
 
 
 def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path, record_path: Path) -> None:
@@ -265,7 +280,7 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
     record["determinism"] = determinism(acc.device)
     params = [p for p in s.model.parameters() if p.requires_grad]
     if not params:
-        return evaluate_only(cfg, record, s, acc)
+        return evaluate_only(cfg, record, s, acc, artifacts)
     opt = make_optimizer(params, t)
     n_batches = len(s.train_loader)
     steps_per_epoch = math.ceil(n_batches / t.grad_accum)
@@ -345,6 +360,8 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
         model = finish(model)
         record["final"] = evaluate(model, eval_loader, s, cfg)
         record["final"]["merged"] = True
+    if s.test_loader is not None:  # with the weights the record reports (best, merged)
+        record["test_predictions"] = predict_test(model, acc.prepare(s.test_loader), s, artifacts)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], t: DictConfig) -> torch.optim.Optimizer:
@@ -368,7 +385,9 @@ def make_optimizer(params: list[torch.nn.Parameter], t: DictConfig) -> torch.opt
     raise choice_error("train.optimizer", t.optimizer, ["adamw", "adafactor"])  # validate() checks it first
 
 
-def evaluate_only(cfg: DictConfig, record: dict[str, Any], s: Setup, acc: Accelerator) -> None:
+def evaluate_only(
+    cfg: DictConfig, record: dict[str, Any], s: Setup, acc: Accelerator, artifacts: Path
+) -> None:
     """Nothing trains (in-context learning): one evaluation, with contextual calibration if asked."""
     model, eval_loader = acc.prepare(s.model, s.eval_loader)
     reset_peak_memory(acc.device)
@@ -382,6 +401,8 @@ def evaluate_only(cfg: DictConfig, record: dict[str, Any], s: Setup, acc: Accele
     track(p, evaluate(model, eval_loader, s, cfg), cfg, 0, 1)
     p.eval_s = time.perf_counter() - t0
     finish_record(cfg, record, acc, p, 1)
+    if s.test_loader is not None:
+        record["test_predictions"] = predict_test(model, acc.prepare(s.test_loader), s, artifacts)
 
 
 def track(
@@ -501,6 +522,23 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], where
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def predict_test(model: torch.nn.Module, loader: DataLoader, s: Setup, artifacts: Path) -> dict[str, Any]:
+    """The unlabelled test rows' predicted label names, as `ID,Label` CSV (RAFT's submission format)."""
+    model.eval()
+    preds = []
+    for batch in loader:
+        preds += s.batcher.predict(s.batcher.logits(model, batch)).tolist()
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["ID", "Label"])
+    writer.writerows((f["idx"], s.task.label_names[p]) for f, p in zip(loader.dataset, preds))
+    path = artifacts / "test_predictions.csv"
+    with disk_full_is_user_error(f"the test predictions {path}", "rerun to write them"):
+        write_atomic(path, buf.getvalue())
+    return {"path": str(path), "rows": len(preds), "of": len(s.task.test)}
 
 
 @torch.no_grad()

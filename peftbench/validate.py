@@ -34,6 +34,7 @@ def validate(cfg: DictConfig) -> None:
     _positive(t.max_steps, "train.max_steps", allow_none=True)
     _positive(t.max_train_samples, "train.max_train_samples", allow_none=True)
     _positive(t.max_eval_samples, "train.max_eval_samples", allow_none=True)
+    _positive(t.max_test_samples, "train.max_test_samples", allow_none=True)
     _positive(t.log_every, "train.log_every")
     if not 0 <= t.warmup_ratio < 1:
         raise UserError(f"train.warmup_ratio={t.warmup_ratio!r}: must be in [0, 1)")

@@ -369,7 +369,12 @@ BAD_INPUTS = [
     ("lock_wait_s", ["train.lock_wait_s=-1"], None, "train.lock_wait_s=-1"),
     ("mixed precision", ["train.mixed_precision=fp32"], None, "unknown train.mixed_precision 'fp32'"),
     ("device", ["train.device=tpu"], None, "unknown train.device 'tpu'"),
-    ("optimizer", ["train.optimizer=sgd"], None, "unknown train.optimizer 'sgd'; choose from: adafactor, adamw"),
+    (
+        "optimizer",
+        ["train.optimizer=sgd"],
+        None,
+        "unknown train.optimizer 'sgd'; choose from: adafactor, adamw",
+    ),
     ("shot file seed", [*RTE, "task.shots_from=tfew", "seed=7"], None, "no published tfew split at"),
     ("unknown metric", ["task.metrics=[acc]"], None, "unknown metric 'acc'"),
     ("bitfit on t5", ["method=bitfit", "model=tiny-t5"], None, "method bitfit does not apply"),

@@ -22,6 +22,12 @@ class TaskData:
     train: list[dict[str, Any]]
     validation: list[dict[str, Any]]
     sources: dict[str, str] = field(default_factory=dict)  # split -> file path or hub id it came from
+    test: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # unlabelled rows to predict (RAFT's leaderboard set)
+    notes: dict[str, Any] = field(
+        default_factory=dict
+    )  # what a reader of the record must know (e.g. eval on train rows)
 
 
 def load_task(task_cfg: DictConfig, seed: int, max_train: int | None = None) -> TaskData:

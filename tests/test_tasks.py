@@ -139,6 +139,18 @@ def test_published_few_shot_files_give_their_exact_rows(compose, name, source, s
     assert data.sources["train"].endswith(rel)
 
 
+def test_fewglue_dev32_replaces_the_validation_set(compose):
+    import json
+
+    rows = [
+        json.loads(x) for x in require_data("superglue/CB/fewglue_32dev/dev32.jsonl").read_text().splitlines()
+    ]
+    data = load_task(compose("task=cb", "task.shots_from=fewglue", "task.shots_dev=true").task, seed=0)
+    assert [r["idx"] for r in data.validation] == [r["idx"] for r in rows] and len(rows) == 32
+    with pytest.raises(UserError, match="the tfew release of task rte has no dev set"):
+        load_task(compose("task=rte", "task.shots_from=tfew", "task.shots_dev=true").task, seed=0)
+
+
 def test_published_split_errors_name_the_file_and_the_choices(compose):
     require_data()
     with pytest.raises(

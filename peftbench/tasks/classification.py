@@ -28,6 +28,8 @@ def load(cfg: DictConfig, seed: int, max_train: int | None = None) -> TaskData:
     for split in SPLITS:
         if split == "train" and cfg.get("shots_from"):
             rows[split], sources[split] = published_shots(cfg, seed)
+        elif split == "validation" and cfg.get("shots_dev"):  # FewGLUE's 32-example dev set
+            rows[split], sources[split] = published_shots(cfg, seed, "dev_path")
         else:
             rows[split], sources[split] = _load_split(cfg, split)
     train = rows["train"] if cfg.get("shots_from") else select_train(rows["train"], cfg, seed, max_train)
@@ -38,9 +40,10 @@ def shot_seed(cfg: DictConfig, seed: int) -> int:
     return int(cfg.shot_seed) if cfg.get("shot_seed") is not None else int(seed)
 
 
-def published_shots(cfg: DictConfig, seed: int) -> tuple[list[dict], str]:
-    """A published k-shot train set, row for row: FewGLUE's 32 examples (Schick & Schuetze 2021, used by
-    P-tuning) or T-Few's k-shot file of the shot seed (r-three/t-few data/few_shot/<task>/<k>_shot/)."""
+def published_shots(cfg: DictConfig, seed: int, key: str = "path") -> tuple[list[dict], str]:
+    """A published k-shot set, row for row: FewGLUE's 32 train examples (Schick & Schuetze 2021, used by
+    P-tuning) and its 32-example dev set (`key="dev_path"`), or T-Few's k-shot file of the shot seed
+    (r-three/t-few data/few_shot/<task>/<k>_shot/)."""
     source = cfg.shots_from
     files = cfg.get("shot_files") or {}
     if source not in files:
@@ -48,7 +51,9 @@ def published_shots(cfg: DictConfig, seed: int) -> tuple[list[dict], str]:
             f"task.shots_from for task {cfg.name}", source, list(files) or ["(none for this task)"]
         )
     spec = files[source]
-    rel = spec.path.format(seed=shot_seed(cfg, seed))
+    if not spec.get(key):
+        raise UserError(f"task.shots_dev=true but the {source} release of task {cfg.name} has no dev set")
+    rel = spec[key].format(seed=shot_seed(cfg, seed))
     root = data_dir()
     path = root / rel if root is not None else None
     if path is None or not path.is_file():

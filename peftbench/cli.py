@@ -127,6 +127,7 @@ def check_groups(overrides: list[str]) -> None:
 def sweep_points(args: list[str]) -> Iterator[list[str]]:
     """Each value of each swept override, with the fixed overrides: enough to check every value once."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
 
     plain = [a for a in args if not a.startswith("-") and not a.startswith("hydra")]
     try:
@@ -138,8 +139,13 @@ def sweep_points(args: list[str]) -> Iterator[list[str]]:
     if not swept:
         yield fixed
     for o in swept:
-        for value in o.sweep_string_iterator():
-            yield [*fixed, f"{o.get_key_element()}={value}"]
+        key = o.get_key_element()
+        if isinstance(o.value(), Glob):  # task=glob(raft_*): the group's options that match
+            values = o.value().filter(group_options(key.lstrip("+~")))
+        else:
+            values = list(o.sweep_string_iterator())
+        for value in values:
+            yield [*fixed, f"{key}={value}"]
 
 
 # --- verbs -----------------------------------------------------------------------------------------------

@@ -195,3 +195,12 @@ def test_results_dir_not_writable(tmp_path, capsys, monkeypatch):
     assert main(["train", "model=tiny-bert", "task=rte", *QUICK]) == 2
     err = capsys.readouterr().err
     assert "is not writable" in err and "paths.results" in err
+
+
+def test_sweep_check_expands_a_glob_over_the_groups_options():
+    from peftbench.cli import sweep_points
+
+    points = list(sweep_points(["-m", "task=glob(raft_*,exclude=raft_t*)", "seed=1"]))
+    tasks = [p[-1] for p in points]
+    assert len(tasks) == 7 and tasks[0] == "task=raft_ade_corpus_v2" and all(p[0] == "seed=1" for p in points)
+    assert not any(t.startswith("task=raft_t") for t in tasks)

@@ -102,6 +102,12 @@ def _stat(values: list[float], stat: str) -> float:
     return statistics.median(values) if stat == "median" else statistics.fmean(values)
 
 
+def models_of(records: list[dict], row: DictConfig) -> str:
+    """The row's model, or the models its runs really used (`experiment=tfew model=tiny-t5`)."""
+    used = sorted({r["model"] for r in records if r.get("row") == row.label})
+    return ", ".join(used) if used else row.model
+
+
 def cell_values(records: list[dict], row: str, task: str, metric: str) -> tuple[list[float], set[str]]:
     mine = [r for r in records if r.get("row") == row and r["task"] == task]
     done = [r["best"]["metrics"][metric] for r in mine if r["status"] == "finished"]
@@ -126,7 +132,7 @@ def table(preset: DictConfig, records: list[dict], stat: str | None = None, pape
             None,
         )
         reported = row.get("paper") or {}
-        line = {"model": row.model, "method": row.label}
+        line = {"model": models_of(records, row), "method": row.label}
         params = format_params(ours_params) if ours_params else "—"
         line["# trainable params"] = (
             f"{params} ({reported.get('params')})" if paper and reported.get("params") else params
@@ -188,7 +194,7 @@ def cost_table(preset: DictConfig, records: list[dict], stat: str, paper: bool =
             if r.get("row") == row.label and r["task"] == task and r["status"] == "finished"
         ]
         reported = (row.get("paper") or {}) if paper else {}
-        line = {"method": row.label, "model": row.model}
+        line = {"method": row.label, "model": models_of(records, row)}
         for name, (key, fmt) in costs.items():
             line[name] = fmt(statistics.fmean(r["cost"][key] for r in done)) if done else "missing"
             if reported.get(key) is not None:

@@ -1,4 +1,4 @@
-"""`peftbench VERB`: train | list | params | table | plot | raft-submit.
+"""`peftbench VERB`: train | list | params | table | plot | score | raft-submit.
 
 `train` is a Hydra app (overrides, -m sweeps, launchers); the other verbs are plain argparse commands that
 compose the same configs. Every bad input ends as one line on stderr and a non-zero exit code; pass --debug
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import signal
 import sys
@@ -23,7 +24,7 @@ from peftbench.errors import UserError, choice_error
 from peftbench.paths import config_dir, group_options
 
 GROUPS = ("method", "model", "task", "train", "experiment")
-VERBS = ("train", "list", "params", "table", "plot", "raft-submit")
+VERBS = ("train", "list", "params", "table", "plot", "score", "raft-submit")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +65,8 @@ def _main(argv: list[str]) -> int:
             return cmd_plot(rest)
         if verb == "raft-submit":
             return cmd_raft_submit(rest)
+        if verb == "score":
+            return cmd_score(rest)
         raise choice_error("verb", verb, VERBS)
     except UserError as e:
         return fail(e)
@@ -487,6 +490,71 @@ def cmd_raft_submit(args: list[str]) -> int:
     print(render(summary, "md"))
     print(f"wrote {sum(1 for r in summary if r['rows'])} of {len(summary)} tasks to {a.out / 'data'}")
     return 0
+
+
+SCORE_KEYS = ("task", "predictions", "split", "out")
+
+
+def cmd_score(args: list[str]) -> int:
+    usage = (
+        "usage: peftbench score task=TASK predictions=FILE [split=test] [out=FILE.json]\n"
+        "Scores a file of outputs (one line per distinct input of the split, in its order) with the task's "
+        "official metrics (peftbench/nlg_metrics.py); WebNLG also by seen / unseen category."
+    )
+    if not args or any(a in ("-h", "--help") for a in args):
+        print(usage)
+        return 0
+    opts = {}
+    for a in args:
+        key, sep, value = a.partition("=")
+        if not sep or key not in SCORE_KEYS:
+            raise UserError(
+                f"bad argument {a!r}; expected key=value with key one of: {', '.join(SCORE_KEYS)}"
+            )
+        opts[key] = value
+    for key in ("task", "predictions"):
+        if not opts.get(key):
+            raise UserError(f"missing {key}=...; {usage.splitlines()[0]}")
+    from peftbench.nlg_metrics import score_by_category
+    from peftbench.record import write_atomic
+    from peftbench.tasks.generation import load_split
+
+    generation = [t for t in group_options("task") if "_generation" in task_defaults(t)]
+    if opts["task"] not in generation:
+        if opts["task"] in group_options("task"):
+            raise UserError(
+                f"task {opts['task']} is not a generation task; choose from: {', '.join(generation)}"
+            )
+        raise choice_error("task", opts["task"], generation)
+    task = compose([f"task={opts['task']}"]).task
+    split = opts.get("split", "test")
+    path = Path(opts["predictions"])
+    if not path.is_file():
+        raise UserError(f"predictions file {path} does not exist")
+    hyps = path.read_text(encoding="utf-8").splitlines()
+    entries, source = load_split(task, split)
+    if len(hyps) != len(entries):
+        raise UserError(
+            f"{path} has {len(hyps)} lines but {task.name} {split} has {len(entries)} distinct inputs: "
+            f"expected {len(entries)} (one output per line, in the order of {source})"
+        )
+    result = {name: s.as_dict() for name, s in score_by_category(task.scorer, hyps, entries).items()}
+    print(f"{task.name} {split} ({len(entries)} inputs, {source}); official scorer: {task.scorer}")
+    for name, values in result.items():
+        cells = [f"{k}={'n/a' if v is None else f'{v:.4f}'}" for k, v in values.items() if k != "unavailable"]
+        print(f"  {name:<7} " + "  ".join(cells))
+        for metric, why in values["unavailable"].items():
+            print(f"  {name:<7} {metric} unavailable: {why}")
+    if opts.get("out"):
+        record = {"task": task.name, "split": split, "predictions": str(path), "scores": result}
+        write_atomic(Path(opts["out"]), json.dumps(record, indent=2) + "\n")
+        print(f"wrote {opts['out']}")
+    return 0
+
+
+def task_defaults(name: str) -> list:
+    """The bases a task YAML composes (`defaults:`), read without composing it."""
+    return list(OmegaConf.load(config_dir() / "task" / f"{name}.yaml").get("defaults") or [])
 
 
 if __name__ == "__main__":

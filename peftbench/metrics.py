@@ -1,7 +1,9 @@
 """Metric registry: name -> (function of predictions and references, higher-is-better).
 
 Classification metrics follow the GLUE / SuperGLUE official definitions (scores on a 0-100 scale, as the
-papers report them). Adding a metric = one function + one entry in METRICS.
+papers report them). Generation metrics (BLEU, NIST, METEOR, ROUGE-L, CIDEr, TER, ...) are those of the
+official data-to-text scorers (peftbench/nlg_metrics.py); their references are lists, one per input, and
+`scorer` names the task's official evaluation. Adding a metric = one function + one entry in METRICS.
 """
 
 from __future__ import annotations
@@ -64,6 +66,17 @@ def exact_match_groups(preds: Sequence, refs: Sequence, groups: Sequence | None 
     return 100.0 * float(np.mean(list(right.values())))
 
 
+def generation(name: str) -> Callable[..., float | None]:
+    """One metric of a task's official generation evaluation (None: unavailable, see nlg_metrics.score)."""
+
+    def fn(preds: Sequence[str], refs: Sequence[Sequence[str]], groups=None, scorer: str = "e2e"):
+        from peftbench.nlg_metrics import score
+
+        return score(scorer, preds, refs).values.get(name)
+
+    return fn
+
+
 METRICS: dict[str, Metric] = {
     "accuracy": Metric(accuracy),
     "f1": Metric(f1),
@@ -73,6 +86,11 @@ METRICS: dict[str, Metric] = {
     "spearman": Metric(spearman),
     "f1a": Metric(f1),
     "em": Metric(exact_match_groups),
+    **{
+        n: Metric(generation(n))
+        for n in ("bleu", "nist", "meteor", "rouge_l", "cider", "bertscore", "bleurt", "moverscore")
+    },
+    "ter": Metric(generation("ter"), higher_is_better=False),
 }
 
 
@@ -82,7 +100,21 @@ def get_metric(name: str) -> Metric:
     return METRICS[name]
 
 
-def compute(names: Sequence[str], preds: Sequence, refs: Sequence, groups: Sequence | None = None) -> dict:
+def compute(
+    names: Sequence[str],
+    preds: Sequence,
+    refs: Sequence,
+    groups: Sequence | None = None,
+    scorer: str | None = None,
+) -> dict:
+    """Every metric in `names`; with `scorer` (a generation task's), one pass of its official evaluation."""
+    if scorer is not None:
+        from peftbench.nlg_metrics import score
+
+        for name in names:
+            get_metric(name)  # an unknown name fails with the valid ones
+        values = score(scorer, preds, refs).values
+        return {name: values.get(name) for name in names}
     return {name: get_metric(name).fn(preds, refs, groups) for name in names}
 
 

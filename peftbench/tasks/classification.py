@@ -137,21 +137,26 @@ def _read_hub(cfg: DictConfig, split: str, missing_local: Path | None) -> list[d
     if hub is None:
         raise UserError(f"task {cfg.name}: {where} and the task has no hub source")
     hub_split = hub.get("splits", {}).get(split, split)
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        reason = "HF_HUB_OFFLINE=1"
-    else:
-        try:
-            import datasets
-
-            ds = datasets.load_dataset(hub.path, hub.get("name"), split=hub_split)
-            return [_normalise(cfg, dict(r), "hub", i) for i, r in enumerate(ds)]
-        except Exception as e:  # any failure to reach or read the hub is a user-facing data problem
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    rows, reason = hub_rows(hub, hub_split)
+    if rows is not None:
+        return [_normalise(cfg, r, "hub", i) for i, r in enumerate(rows)]
     local_dir = f"$PEFTBENCH_DATA_DIR/{cfg.local.dir}/" if cfg.get("local") else "$PEFTBENCH_DATA_DIR"
     raise UserError(
         f"task {cfg.name}: {where}, and the hub dataset {hub.path}/{hub.get('name')} ({hub_split}) could not be "
         f"loaded ({reason}); put the official files in {local_dir} or go online"
     )
+
+
+def hub_rows(hub: DictConfig, split: str) -> tuple[list[dict] | None, str]:
+    """The rows of a hub split via `datasets`, or None and why they could not be loaded."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return None, "HF_HUB_OFFLINE=1"
+    try:
+        import datasets
+
+        return [dict(r) for r in datasets.load_dataset(hub.path, hub.get("name"), split=split)], ""
+    except Exception as e:  # any failure to reach or read the hub is a user-facing data problem
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def _read_local(cfg: DictConfig, path: Path) -> list[dict]:

@@ -104,13 +104,37 @@ def _stat(values: list[float], stat: str) -> float:
 
 def models_of(records: list[dict], row: DictConfig) -> str:
     """The row's model, or the models its runs really used (`experiment=tfew model=tiny-t5`)."""
-    used = sorted({r["model"] for r in records if r.get("row") == row.label})
+    used = sorted({r["model"] for r in records if r.get("row") == row.label and r.get("model")})
     return ", ".join(used) if used else row.model
+
+
+def table_columns(columns: dict, reported) -> list[tuple[str, str, float | None]]:
+    """(task, metric, the paper's number) per column: a task shows one metric or a list of them, and the
+    paper's entry for it is one number or a list in the same order."""
+    out = []
+    for task, metrics in columns.items():
+        ref = reported.get(task)
+        if isinstance(metrics, list):
+            refs = list(ref) if ref is not None else [None] * len(metrics)
+            out += [(task, m, r) for m, r in zip(metrics, refs)]
+        else:
+            out.append((task, metrics, ref))
+    return out
+
+
+def _num(value: float, scale: float | None = None, sign: bool = False) -> str:
+    """1 decimal on the 0-100 scales, 2 below 10 (NIST 8.62, TER 0.46, CIDEr 2.47), as the papers print."""
+    digits = 1 if abs(scale if scale is not None else value) >= 10 else 2
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
 def cell_values(records: list[dict], row: str, task: str, metric: str) -> tuple[list[float], set[str]]:
     mine = [r for r in records if r.get("row") == row and r["task"] == task]
-    done = [r["best"]["metrics"][metric] for r in mine if r["status"] == "finished"]
+    done = [
+        r["best"]["metrics"][metric]
+        for r in mine
+        if r["status"] == "finished" and r["best"]["metrics"].get(metric) is not None
+    ]
     return done, {r["status"] for r in mine if r["status"] != "finished"}
 
 
@@ -137,33 +161,32 @@ def table(preset: DictConfig, records: list[dict], stat: str | None = None, pape
         line["# trainable params"] = (
             f"{params} ({reported.get('params')})" if paper and reported.get("params") else params
         )
-        mains, paper_mains = [], []
-        for task, metric in columns.items():
+        per_task: dict[str, list[float]] = {}
+        for task, metric, ref in table_columns(columns, reported):
             header = f"{preset.get('column_names', {}).get(task, task)} {METRIC_SHORT.get(metric, metric)}"
-            values, other = (
-                cell_values(records, row.label, task, metric) if row.get("runnable", True) else ([], set())
-            )
-            ref = reported.get(task)
             if task not in row_tasks(preset, row):
                 line[header] = ""  # not part of this row's grid
                 continue
+            values, other = (
+                cell_values(records, row.label, task, metric) if row.get("runnable", True) else ([], set())
+            )
             if values:
                 ours = _stat(values, stat)
-                mains.append(ours)
-                spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
-                text = f"{ours:.1f}{spread} (n={len(values)})"
+                per_task.setdefault(task, []).append(ours)
+                spread = f" ± {_num(statistics.stdev(values), ours)}" if len(values) > 1 else ""
+                text = f"{_num(ours)}{spread} (n={len(values)})"
             elif not row.get("runnable", True):
                 text = f"n/a: {row.get('note', 'not runnable')}"
             else:
                 text = ", ".join(sorted(other)) if other else "missing"
             if paper and ref is not None:
-                text += f" [paper {ref}" + (f", Δ {ours - ref:+.1f}]" if values else "]")
-            paper_mains.append(ref)
+                text += f" [paper {ref}" + (f", Δ {_num(ours - ref, ref, sign=True)}]" if values else "]")
             line[header] = text
-        if preset.get("avg", False):
-            complete = len(mains) == len(columns)
+        if preset.get("avg", False):  # mean over tasks of each task's mean metric (SuperGLUE's average)
+            n_metrics = {t: len(m) if isinstance(m, list) else 1 for t, m in columns.items()}
+            complete = all(len(per_task.get(t, [])) == n for t, n in n_metrics.items())
             avg = (
-                f"{statistics.fmean(mains):.1f}"
+                f"{statistics.fmean(statistics.fmean(v) for v in per_task.values()):.1f}"
                 if complete
                 else "missing"
                 if len(row_tasks(preset, row)) == len(columns)

@@ -40,13 +40,12 @@ from peftbench.errors import choice_error
 
 Refs = Sequence[Sequence[str]]
 
-# What each task's official evaluation reports, and on which scale (x100 or as is).
+# What each task's official evaluation reports.
 SUITES: dict[str, tuple[str, ...]] = {
     "e2e": ("bleu", "nist", "meteor", "rouge_l", "cider"),
     "webnlg": ("bleu", "meteor", "ter"),
     "dart": ("bleu", "meteor", "ter", "bertscore", "bleurt", "moverscore"),
 }
-LOWER_IS_BETTER = {"ter"}
 
 
 @dataclass
@@ -173,6 +172,7 @@ def _ter_segment(hyp: str, refs: tuple[str, ...]) -> tuple[float, float]:
 
 
 def java_missing() -> str | None:
+    """Why the Java scorers cannot run, or None when they can."""
     return (
         None if shutil.which("java") else "java not found on PATH (METEOR 1.5 and the PTB tokenizer are Java)"
     )
@@ -185,25 +185,8 @@ def _pycoco_dir() -> Path:
 
 
 # the COCO caption scorer's PTBTokenizer drops these tokens after tokenising
-_PUNCTUATION = {
-    "''",
-    "'",
-    "``",
-    "`",
-    "-LRB-",
-    "-RRB-",
-    "-LCB-",
-    "-RCB-",
-    ".",
-    "?",
-    "!",
-    ",",
-    ":",
-    "-",
-    "--",
-    "...",
-    ";",
-}
+_PUNCTUATION = set("'' ' `` ` -LRB- -RRB- -LCB- -RCB- . ? ! , : - -- ... ;".split())
+_PTB = ["edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase"]
 
 
 def ptb_tokenize(texts: Sequence[str]) -> list[str]:
@@ -214,18 +197,7 @@ def ptb_tokenize(texts: Sequence[str]) -> list[str]:
         f.write("\n".join(t.replace("\n", " ") for t in texts))
     try:
         out = subprocess.run(
-            [
-                "java",
-                "-cp",
-                str(jar),
-                "edu.stanford.nlp.process.PTBTokenizer",
-                "-preserveLines",
-                "-lowerCase",
-                f.name,
-            ],
-            capture_output=True,
-            encoding="utf-8",
-            check=True,
+            ["java", "-cp", str(jar), *_PTB, f.name], capture_output=True, encoding="utf-8", check=True
         ).stdout.split("\n")
     finally:
         os.unlink(f.name)

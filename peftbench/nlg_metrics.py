@@ -36,7 +36,7 @@ from sacrebleu.metrics import TER
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 from unidecode import unidecode
 
-from peftbench.errors import choice_error
+from peftbench.errors import UserError, choice_error
 
 Refs = Sequence[Sequence[str]]
 
@@ -233,6 +233,8 @@ def score(suite: str, hyps: Sequence[str], refs: Refs, meteor: Meteor | None = N
     """All metrics of a task's official evaluation on one corpus (hypothesis i against references i)."""
     if suite not in SUITES:
         raise choice_error("scorer", suite, SUITES)
+    if len(hyps) != len(refs):
+        raise UserError(f"{len(hyps)} outputs but {len(refs)} reference sets: expected one output per input")
     hyps, refs = list(hyps), [list(rs) for rs in refs]
     out = Scores({name: None for name in SUITES[suite]})
     no_java = java_missing()

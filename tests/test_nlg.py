@@ -160,6 +160,8 @@ def test_bleu_nist_by_hand():
     # multi-bleu: no smoothing, so no 4-gram match gives 0; its padding line (length 0) can be the closest
     assert N.multi_bleu(["a b c x"], [["a b c d"]], lowercase=False) == 0.0
     assert N.ter(["a b c"], [["a b c d", "x y"]]) == pytest.approx(1 / 3)  # 1 insertion / mean length 3
+    with pytest.raises(UserError, match="2 outputs but 1 reference sets"):
+        N.score("e2e", ["a", "b"], [["a"]])
 
 
 @pytest.mark.parametrize(

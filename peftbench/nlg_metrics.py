@@ -6,11 +6,11 @@
   (METEOR 1.5 with its paraphrase table, Stanford CoreNLP 3.4.1) and ROUGE-L / CIDEr-D come from the
   `pycocoevalcap` package: the same files (git blob ids) as in e2e-metrics.
 - WebNLG 2017 and DART (the WebNLG challenge's `evaluation.py` and scripts as Yale-LILY/dart `evaluation/`
-  ships them, which Prefix-Tuning and LoRA ran): outputs and references split at every non-word character,
-  lowercased, transliterated to ASCII (`unidecode`); the first 3 references; multi-bleu.perl BLEU (missing
-  references are empty lines), METEOR 1.5 `-l en -norm`, TER of tercom 0.7.25 (sacrebleu's port). DART's
-  script takes references prepared that way (`dart_reference/`) and outputs as given; LoRA lowercases and
-  tokenises its outputs before scoring, so peftbench prepares DART outputs as WebNLG's script does.
+  ships them, which Prefix-Tuning and LoRA ran): outputs and references split at every non-word character and
+  lowercased (WebNLG also transliterated to ASCII with `unidecode`); the first 3 references; multi-bleu.perl
+  BLEU (missing references are empty lines; `-lc` for WebNLG), METEOR 1.5 `-l en -norm`, TER of tercom 0.7.25
+  (sacrebleu's port). DART's script reads references prepared so (`dart_reference/*.lex`) and outputs as given;
+  LoRA's decoder lowercases and splits them the same way (`--lower --tokenize`), and so does peftbench.
 Scales follow the papers' tables (LoRA Tables 3 and 4): BLEU, and E2E's METEOR and ROUGE-L, in 0-100; NIST
 and CIDEr as they come; WebNLG / DART METEOR and TER in 0-1.
 
@@ -36,17 +36,16 @@ from sacrebleu.metrics import TER
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 from unidecode import unidecode
 
-from peftbench.errors import choice_error
+from peftbench.errors import UserError, choice_error
 
 Refs = Sequence[Sequence[str]]
 
-# What each task's official evaluation reports, and on which scale (x100 or as is).
+# What each task's official evaluation reports.
 SUITES: dict[str, tuple[str, ...]] = {
     "e2e": ("bleu", "nist", "meteor", "rouge_l", "cider"),
     "webnlg": ("bleu", "meteor", "ter"),
     "dart": ("bleu", "meteor", "ter", "bertscore", "bleurt", "moverscore"),
 }
-LOWER_IS_BETTER = {"ter"}
 
 
 @dataclass
@@ -173,6 +172,7 @@ def _ter_segment(hyp: str, refs: tuple[str, ...]) -> tuple[float, float]:
 
 
 def java_missing() -> str | None:
+    """Why the Java scorers cannot run, or None when they can."""
     return (
         None if shutil.which("java") else "java not found on PATH (METEOR 1.5 and the PTB tokenizer are Java)"
     )
@@ -185,25 +185,8 @@ def _pycoco_dir() -> Path:
 
 
 # the COCO caption scorer's PTBTokenizer drops these tokens after tokenising
-_PUNCTUATION = {
-    "''",
-    "'",
-    "``",
-    "`",
-    "-LRB-",
-    "-RRB-",
-    "-LCB-",
-    "-RCB-",
-    ".",
-    "?",
-    "!",
-    ",",
-    ":",
-    "-",
-    "--",
-    "...",
-    ";",
-}
+_PUNCTUATION = set("'' ' `` ` -LRB- -RRB- -LCB- -RCB- . ? ! , : - -- ... ;".split())
+_PTB = ["edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase"]
 
 
 def ptb_tokenize(texts: Sequence[str]) -> list[str]:
@@ -214,18 +197,7 @@ def ptb_tokenize(texts: Sequence[str]) -> list[str]:
         f.write("\n".join(t.replace("\n", " ") for t in texts))
     try:
         out = subprocess.run(
-            [
-                "java",
-                "-cp",
-                str(jar),
-                "edu.stanford.nlp.process.PTBTokenizer",
-                "-preserveLines",
-                "-lowerCase",
-                f.name,
-            ],
-            capture_output=True,
-            encoding="utf-8",
-            check=True,
+            ["java", "-cp", str(jar), *_PTB, f.name], capture_output=True, encoding="utf-8", check=True
         ).stdout.split("\n")
     finally:
         os.unlink(f.name)
@@ -261,6 +233,8 @@ def score(suite: str, hyps: Sequence[str], refs: Refs, meteor: Meteor | None = N
     """All metrics of a task's official evaluation on one corpus (hypothesis i against references i)."""
     if suite not in SUITES:
         raise choice_error("scorer", suite, SUITES)
+    if len(hyps) != len(refs):
+        raise UserError(f"{len(hyps)} outputs but {len(refs)} reference sets: expected one output per input")
     hyps, refs = list(hyps), [list(rs) for rs in refs]
     out = Scores({name: None for name in SUITES[suite]})
     no_java = java_missing()
@@ -271,7 +245,7 @@ def score(suite: str, hyps: Sequence[str], refs: Refs, meteor: Meteor | None = N
         if suite == "e2e":
             _score_e2e(hyps, refs, meteor, out)
         else:
-            _score_triples(hyps, refs, meteor, out)
+            _score_triples(suite, hyps, refs, meteor, out)
     finally:
         if own:
             meteor.close()
@@ -301,23 +275,41 @@ def _score_e2e(hyps: list[str], refs: list[list[str]], meteor: Meteor | None, ou
     out.values["cider"] = float(Cider().compute_score(gts, res)[0])
 
 
-def _score_triples(hyps: list[str], refs: list[list[str]], meteor: Meteor | None, out: Scores) -> None:
-    h = [webnlg_hyp(x) for x in hyps]
-    r = [[webnlg_ref(x) for x in rs[:3]] for rs in refs]
-    out.values["bleu"] = multi_bleu(h, [rs + [""] * (3 - len(rs)) for rs in r], lowercase=True)
+def _score_triples(
+    suite: str, hyps: list[str], refs: list[list[str]], meteor: Meteor | None, out: Scores
+) -> None:
+    prepare_hyp, prepare_ref = (webnlg_hyp, webnlg_ref) if suite == "webnlg" else (dart_hyp, dart_ref)
+    h = [prepare_hyp(x) for x in hyps]
+    r = [[prepare_ref(x) for x in rs[:3]] for rs in refs]
+    out.values["bleu"] = multi_bleu(h, [rs + [""] * (3 - len(rs)) for rs in r], lowercase=suite == "webnlg")
     out.values["ter"] = ter(h, r)
     if meteor is not None:
         out.values["meteor"] = meteor(h, r)
 
 
+def _split_words(text: str) -> str:
+    """`' '.join(re.split('(\\W)', text))` with single spaces: the scripts' (and LoRA's) tokenisation."""
+    return " ".join(" ".join(re.split(r"(\W)", text)).split())
+
+
+def dart_hyp(text: str) -> str:
+    """An output as LoRA's `gpt2_decode.py --lower --tokenize` prepares it for DART's script."""
+    return _split_words(text.lower())
+
+
+def dart_ref(text: str) -> str:
+    """A reference as in Yale-LILY/dart `evaluation/dart_reference/*.lex` (equal on all 5,097 x 3 test lines)."""
+    return _split_words(text).lower()
+
+
 def webnlg_hyp(text: str) -> str:
     """The WebNLG 2017 script's preparation of an output: lowercase, ASCII, split at non-word characters."""
-    return " ".join(" ".join(re.split(r"(\W)", unidecode(text.lower()))).split())
+    return _split_words(unidecode(text.lower()))
 
 
 def webnlg_ref(text: str) -> str:
     """... and of a reference: split first, then lowercase and ASCII (the order differs from the output's)."""
-    return unidecode(" ".join(" ".join(re.split(r"(\W)", text)).split()).lower())
+    return unidecode(_split_words(text).lower())
 
 
 def _model_based(hyps: list[str], refs: list[list[str]], out: Scores) -> None:

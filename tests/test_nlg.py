@@ -80,6 +80,28 @@ WEBNLG_OFFICIAL = {
     "unseen": {"bleu": 65.03, "meteor": 0.488284501226015, "ter": 0.291497975708502},
 }
 
+# DART v1.1.1 test inputs (index into the 5,097) with hand-written outputs.
+DART_FIXED = [
+    (0, "Jeff Daniels appeared in the Hawaii Five-O episode The Flight of the Jewels."),
+    (1, "Jeff Daniels played Jed Jenkins in American Playhouse in 1982."),
+    (2, "In 1991 Jeff Daniels hosted Saturday Night Live."),
+    (5, "Yoshifumi Miyamoto finished ninth in 1:02:38."),
+    (7, "The McDonald's WPGA Championship took place on 9 Aug 1998."),
+    (9, "The to par was -3 when the winning score was 74-67-71-73=285."),
+    (12, "The Australian Open in Melbourne, Australia was held on January 31, 1994."),
+    (22, "GTA Motor Competición won the Superleague Formula race at Donington Park on August 31, 2008."),
+    (51, "Mandy Patinkin played Joseph Papp in Piñero (2001)."),
+    (501, "Aaron S. Daggett fought at the Battle of Mine Run."),
+    (505, "SULAIMAN ABDUL RAHMAN TAIB SUCCEEDED ABDUL TAIB MAHMUD."),
+    (510, "Abner W. Sibal died in Alexandria."),
+    (514, "Adolf Schärf was born in Mikulov, Czech Republic."),
+    (515, "Adonis Georgiadis served while Antonis Samaras was Prime Minister."),
+]
+# Computed once as Yale-LILY/dart evaluation/run_eval_on_dart.sh does: these entries' lines of its
+# dart_reference/all-delex-reference{0,1,2}.lex, the outputs lowercased and split as LoRA's gpt2_decode.py
+# (--lower --tokenize), prepare_files.py, multi-bleu.perl, METEOR 1.5 `-l en -norm -r 8`, tercom 0.7.25.
+DART_OFFICIAL = {"bleu": 51.86, "meteor": 0.4401035893725683, "ter": 0.3447684391080617}
+
 
 @pytest.fixture(scope="module")
 def meteor():
@@ -120,6 +142,16 @@ def test_webnlg_matches_the_official_scripts_seen_unseen_all(meteor):
         assert got["ter"] == pytest.approx(official["ter"], abs=1e-9)
 
 
+@needs_java
+def test_dart_matches_the_official_scripts(meteor):
+    test = entries("dart", "test")
+    hyps, refs = [h for _, h in DART_FIXED], [test[i]["references"] for i, _ in DART_FIXED]
+    got = N.score("dart", hyps, refs, meteor)
+    assert got.values["bleu"] == pytest.approx(DART_OFFICIAL["bleu"], abs=0.005)
+    assert got.values["meteor"] == pytest.approx(DART_OFFICIAL["meteor"], abs=1e-9)
+    assert got.values["ter"] == pytest.approx(DART_OFFICIAL["ter"], abs=1e-9)
+
+
 def test_bleu_nist_by_hand():
     # one sentence equal to its reference: every n-gram matches, no brevity penalty
     bleu, nist = N.mteval_bleu_nist(["the cat sat on the mat ."], [["The cat sat on the mat."]])
@@ -128,6 +160,8 @@ def test_bleu_nist_by_hand():
     # multi-bleu: no smoothing, so no 4-gram match gives 0; its padding line (length 0) can be the closest
     assert N.multi_bleu(["a b c x"], [["a b c d"]], lowercase=False) == 0.0
     assert N.ter(["a b c"], [["a b c d", "x y"]]) == pytest.approx(1 / 3)  # 1 insertion / mean length 3
+    with pytest.raises(UserError, match="2 outputs but 1 reference sets"):
+        N.score("e2e", ["a", "b"], [["a"]])
 
 
 @pytest.mark.parametrize(

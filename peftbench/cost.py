@@ -19,9 +19,10 @@ FORMULA = "inference = 2 N tokens per example; training = 3 x inference x exampl
 
 
 def example_tokens(feature: dict, seq2seq: bool) -> int:
-    """Tokens one example costs: the input of every choice (and its decoder target for seq2seq)."""
+    """Tokens one example costs: the input of every choice (and its decoder target for seq2seq); for
+    generation the prompt (training: with the target), not the tokens decoded."""
     n = 0
-    for c in feature["choices"]:
+    for c in feature.get("choices") or [feature]:
         n += len(c["input_ids"])
         if seq2seq and isinstance(c.get("labels"), list):
             n += len(c["labels"])

@@ -97,4 +97,5 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
 
 
 def feature_length(feature: dict) -> int:
-    return sum(len(c["input_ids"]) for c in feature["choices"])
+    """Tokens of a feature: every choice's sequence, or the one sequence (generation)."""
+    return sum(len(c["input_ids"]) for c in feature.get("choices") or [feature])

@@ -113,8 +113,8 @@ def family(model_cfg: DictConfig, lm: bool = False) -> Family:
 
 
 def uses_lm(cfg: DictConfig) -> bool:
-    """Prompt format: the task is text with answer choices, scored by the model's own LM head."""
-    return cfg.task.get("format", "head") == "prompt"
+    """The model keeps its own LM head: prompt format (answer choices scored by it) or generation."""
+    return cfg.task.get("format", "head") == "prompt" or cfg.task.kind == "generation"
 
 
 def meta_model(cfg: DictConfig) -> tuple[torch.nn.Module, Family]:

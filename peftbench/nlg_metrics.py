@@ -226,6 +226,21 @@ class Meteor:
         self._m.__del__()  # ends the Java process (safe to repeat at garbage collection)
 
 
+_SHARED: Meteor | None = None
+
+
+def shared_meteor() -> Meteor | None:
+    """One METEOR process for this Python process (training evaluates many times; the jar loads its
+    paraphrase table once), closed at exit; None without Java."""
+    global _SHARED
+    if _SHARED is None and java_missing() is None:
+        import atexit
+
+        _SHARED = Meteor()
+        atexit.register(_SHARED.close)
+    return _SHARED
+
+
 # --- one call per task -----------------------------------------------------------------------------------
 
 
@@ -328,14 +343,18 @@ def _model_based(hyps: list[str], refs: list[list[str]], out: Scores) -> None:
     out.unavailable["moverscore"] = "needs the moverscore package and its BERT model (not installed)"
 
 
-def score_by_category(suite: str, hyps: Sequence[str], entries: Sequence[dict]) -> dict[str, Scores]:
+def score_by_category(
+    suite: str, hyps: Sequence[str], entries: Sequence[dict], meteor: Meteor | None = None
+) -> dict[str, Scores]:
     """Scores on all entries and, where entries carry WebNLG's seen / unseen category, on each of those
-    (one METEOR process for all of them)."""
+    (one METEOR process for all of them: the caller's, which stays open, or one of its own)."""
     groups = {"all": list(range(len(entries)))}
     if suite == "webnlg":
         for cat in ("seen", "unseen"):
             groups[cat] = [i for i, e in enumerate(entries) if e.get("category") == cat]
-    meteor = Meteor() if java_missing() is None else None
+    own = meteor is None and java_missing() is None
+    if own:
+        meteor = Meteor()
     try:
         return {
             name: score(suite, [hyps[i] for i in idx], [entries[i]["references"] for i in idx], meteor)
@@ -343,5 +362,5 @@ def score_by_category(suite: str, hyps: Sequence[str], entries: Sequence[dict]) 
             if idx
         }
     finally:
-        if meteor is not None:
+        if own:
             meteor.close()

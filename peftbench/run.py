@@ -36,6 +36,7 @@ from peftbench.data import Batcher, LengthGroupedBatches, encode, feature_length
 from peftbench.env import determinism, device_info, git_sha, peak_memory_mib, reset_peak_memory, versions
 from peftbench.errors import UserError, choice_error, disk_full_is_user_error
 from peftbench.faults import kill_point
+from peftbench.generation import GenerationBatcher, decode_all, encode_eval, encode_train
 from peftbench.lock import RunLock, describe, try_lock
 from peftbench.methods import apply_method, finish, save_trainable, stored_count
 from peftbench.models import count, family, load_model, uses_lm
@@ -202,9 +203,11 @@ class Setup:
     generator: torch.Generator  # draws the train order; its state at an epoch's start fixes that epoch
     demos: list[dict]  # in-context demonstrations (prompt format, method=icl)
     test_loader: DataLoader | None = None  # unlabelled test rows to predict (train.predict_test)
+    artifacts: Path | None = None  # the run's folder (generated outputs of each evaluation go there)
+    n_evals: int = 0
 
 
-def prepare(cfg: DictConfig, record: dict[str, Any]) -> Setup:
+def prepare(cfg: DictConfig, record: dict[str, Any], artifacts: Path | None = None) -> Setup:
     """Data and model, with the method applied; parameter counts go into the record."""
     seed_everything(cfg.seed)
     if cfg.train.num_threads:
@@ -219,7 +222,17 @@ def prepare(cfg: DictConfig, record: dict[str, Any]) -> Setup:
     record["params"] = counts
     validation = task.validation[: cfg.train.max_eval_samples or None]
     demos: list[dict] = []
-    if lm:
+    if task.kind == "generation":  # data-to-text: train on targets, evaluate by decoding (generation.py)
+        batcher = GenerationBatcher(tokenizer, fam.kind, cfg.task)
+        train = encode_train(task.train, cfg.task, tokenizer, fam.kind)
+        if cfg.train.max_eval_samples:  # evenly spaced inputs: WebNLG's test lists seen before unseen
+            step = max(1, len(task.validation) // int(cfg.train.max_eval_samples))
+            validation = task.validation[::step][: int(cfg.train.max_eval_samples)]
+        validation = sorted(validation, key=lambda r: -len(r["source"]))  # less padding; scored by idx
+
+        def enc(rows):
+            return encode_eval(rows, cfg.task, tokenizer, fam.kind)
+    elif lm:
         if cfg.method.get("shots") is not None:  # in-context learning: k solved rows before every input
             demos = demonstrations(task.train, cfg.method, int(cfg.seed))
             task.train = []
@@ -268,12 +281,12 @@ def prepare(cfg: DictConfig, record: dict[str, Any]) -> Setup:
             shot_seed=shot_seed(cfg.task, int(cfg.seed)),
             train_ids=[r["idx"] for r in task.train],
         )
-    return Setup(model, task, train_loader, eval_loader, batcher, generator, demos, test_loader)
+    return Setup(model, task, train_loader, eval_loader, batcher, generator, demos, test_loader, artifacts)
 
 
 def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path, record_path: Path) -> None:
     t = cfg.train
-    s = prepare(cfg, record)
+    s = prepare(cfg, record, artifacts)
     cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
     acc = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, cpu=cpu)
     record["device"] = device_info(acc.device)
@@ -543,6 +556,9 @@ def predict_test(model: torch.nn.Module, loader: DataLoader, s: Setup, artifacts
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, s: Setup, cfg: DictConfig) -> dict[str, Any]:
+    s.n_evals += 1
+    if isinstance(s.batcher, GenerationBatcher):
+        return evaluate_generation(model, loader, s, cfg)
     model.eval()
     preds, refs, total_loss, n = [], [], 0.0, 0
     for batch in loader:
@@ -554,3 +570,30 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, s: Setup, cfg: DictConf
     groups = [ex.get("group") for ex in loader.dataset] if cfg.task.get("group") else None
     values = M.compute(list(cfg.task.metrics), preds, refs, groups)
     return {"metrics": {k: round(v, 4) for k, v in values.items()}, "loss": round(total_loss / max(n, 1), 5)}
+
+
+def evaluate_generation(
+    model: torch.nn.Module, loader: DataLoader, s: Setup, cfg: DictConfig
+) -> dict[str, Any]:
+    """Decode every evaluation input, save the outputs (one line per input, in the split's order) and score
+    them as the task's official evaluation does, on all inputs and per category (WebNLG seen / unseen)."""
+    from peftbench.nlg_metrics import score_by_category, shared_meteor
+
+    texts = decode_all(model, loader, s.batcher)
+    by_idx = {f["idx"]: t for f, t in zip(loader.dataset, texts)}
+    rows = [r for r in s.task.validation if r["idx"] in by_idx]
+    rows.sort(key=lambda r: r["idx"])
+    hyps = [by_idx[r["idx"]] for r in rows]
+    result: dict[str, Any] = {"metrics": {}, "unavailable": {}}
+    for group, scores in score_by_category(cfg.task.scorer, hyps, rows, shared_meteor()).items():
+        suffix = "" if group == "all" else f"_{group}"
+        for name, value in scores.values.items():
+            if value is None:
+                result["unavailable"][name + suffix] = scores.unavailable.get(name, "not computed")
+            else:
+                result["metrics"][name + suffix] = round(float(value), 4)
+    if s.artifacts is not None:
+        path = s.artifacts / "predictions" / f"eval_{s.n_evals}.txt"
+        write_atomic(path, "".join(h + "\n" for h in hyps))
+        result["predictions"] = str(path)
+    return result

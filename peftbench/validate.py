@@ -9,10 +9,16 @@ from omegaconf import DictConfig
 from peftbench.errors import UserError, choice_error
 from peftbench.methods import apply_method
 from peftbench.metrics import METRICS
-from peftbench.models import meta_model, uses_lm
+from peftbench.models import family, meta_model, uses_lm
 from peftbench.prompting import SLOT, anchored
 
 OPTIMIZERS = ("adamw", "adafactor")
+DECODE_STRATEGIES = ("beam", "greedy", "sample")
+NO_GENERATION = {
+    "prompt_tuning": "its prompt is prepended in one forward call; use method=prefix_tuning to generate",
+    "p_tuning": "its prompt is prepended in one forward call; use method=prefix_tuning to generate",
+    "icl": "in-context learning ranks answer choices here; it has no generation path",
+}
 
 FORMATS = ("head", "prompt")
 
@@ -81,6 +87,28 @@ def check_format(cfg: DictConfig) -> None:
     """The task format fits the method and the task (ICL needs the LM head; regression has no choices)."""
     if cfg.task.get("format", "head") not in FORMATS:
         raise choice_error("task.format", cfg.task.format, FORMATS)
+    if cfg.task.kind == "generation":
+        fam = family(cfg.model)
+        if fam.kind == "encoder":
+            raise UserError(
+                f"task {cfg.task.name} generates text and model {cfg.model.name} ({fam.name}) has no decoder; "
+                "use a GPT-2, T5 or BART model"
+            )
+        if cfg.method.name in NO_GENERATION:
+            raise UserError(f"method={cfg.method.name} cannot generate: {NO_GENERATION[cfg.method.name]}")
+        d = cfg.task.decode
+        if d.strategy not in DECODE_STRATEGIES:
+            raise choice_error("task.decode.strategy", d.strategy, DECODE_STRATEGIES)
+        _positive(d.num_beams, "task.decode.num_beams")
+        _positive(d.max_new_tokens, "task.decode.max_new_tokens")
+        if (
+            isinstance(d.no_repeat_ngram_size, bool)
+            or not isinstance(d.no_repeat_ngram_size, int)
+            or d.no_repeat_ngram_size < 0
+        ):
+            raise UserError(
+                f"task.decode.no_repeat_ngram_size={d.no_repeat_ngram_size!r}: must be an integer >= 0"
+            )
     if cfg.method.get("needs_prompt_format") and not uses_lm(cfg):
         raise UserError(
             f"method={cfg.method.name} scores answer choices with the LM head: add task.format=prompt"

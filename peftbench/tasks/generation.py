@@ -37,8 +37,8 @@ WEBNLG_SEEN = {
 
 def load(cfg: DictConfig, seed: int, max_train: int | None = None) -> TaskData:
     """Train rows (one per reference) and validation entries (one per input, all its references)."""
-    train, train_src = load_split(cfg, "train")
-    validation, val_src = load_split(cfg, "validation")
+    train, train_src = load_split(cfg, cfg.get("train_split") or "train")  # DART offline: validation
+    validation, val_src = load_split(cfg, cfg.get("eval_split") or "validation")  # test: the papers' tables
     pairs = [{**e, "target": ref} for e in train for ref in e["references"]]
     for i, row in enumerate(pairs):
         row["idx"] = i

@@ -1,0 +1,133 @@
+"""Data-to-text generation: encoding, the training loss, batched decoding and scoring.
+
+GPT-2 is a causal LM over `source <|endoftext|> target <|endoftext|>` with the loss on the target tokens only
+(Li & Liang 2021's and LoRA's E2E / WebNLG / DART data format); T5 and BART read the source and decode the
+target. Decoding is batched: GPT-2's prompts are left-padded so every row continues at the same position and
+the KV cache stays on; beam search, its length penalty and no-repeat n-gram size, greedy and sampling are
+`task.decode` settings. Scores come from `peftbench.nlg_metrics`, which reproduces each task's official
+evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from peftbench.prompting import pad_to, scored_positions_only
+
+
+def encode_train(rows: list[dict], task_cfg: DictConfig, tokenizer, kind: str) -> list[dict[str, Any]]:
+    """One (source, target) pair per row: input ids and labels (-100 where no loss is taken)."""
+    max_len = int(task_cfg.max_length)
+    out = []
+    for row in rows:
+        src = source_ids(tokenizer, kind, row["source"], max_len)
+        if kind == "decoder":
+            tgt = tokenizer(" " + row["target"], add_special_tokens=False)["input_ids"] + [
+                tokenizer.eos_token_id
+            ]
+            tgt = tgt[: max(1, max_len - len(src))]
+            ids, labels = src + tgt, [-100] * len(src) + tgt
+        else:
+            ids, labels = (
+                src,
+                tokenizer(text_target=row["target"], truncation=True, max_length=max_len)["input_ids"],
+            )
+        out.append({"input_ids": ids, "labels": labels, "idx": row["idx"]})
+    return out
+
+
+def source_ids(tokenizer, kind: str, source: str, max_len: int) -> list[int]:
+    """The prompt the model continues: GPT-2 `source <|endoftext|>` (the separator Li & Liang use), the
+    encoder input with its special tokens for T5 / BART; at most half the length budget for GPT-2."""
+    if kind == "decoder":
+        ids = tokenizer(source, add_special_tokens=False)["input_ids"][: max_len // 2 - 1]
+        return ids + [tokenizer.bos_token_id]
+    return tokenizer(source, truncation=True, max_length=max_len)["input_ids"]
+
+
+def encode_eval(rows: list[dict], task_cfg: DictConfig, tokenizer, kind: str) -> list[dict[str, Any]]:
+    return [
+        {"input_ids": source_ids(tokenizer, kind, r["source"], int(task_cfg.max_length)), "idx": r["idx"]}
+        for r in rows
+    ]
+
+
+class GenerationBatcher:
+    """Collate, loss (cross-entropy on target tokens, optional label smoothing) and batched decoding."""
+
+    def __init__(self, tokenizer, kind: str, task_cfg: DictConfig):
+        self.tokenizer, self.kind = tokenizer, kind
+        self.smoothing = float(task_cfg.get("label_smoothing") or 0.0)
+        self.decode_cfg = task_cfg.decode
+        self.pad = tokenizer.pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if "labels" not in features[0]:  # evaluation: prompts only, left-padded for GPT-2
+            return left_pad([f["input_ids"] for f in features], self.pad, left=self.kind == "decoder")
+        batch = left_pad([f["input_ids"] for f in features], self.pad, left=False)
+        batch["labels"] = pad_to([f["labels"] for f in features], -100)
+        return batch
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch["labels"]
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self.kind == "decoder":  # position t predicts token t + 1; only those reach the vocabulary
+            keep = F.pad(labels[:, 1:] != -100, (0, 1), value=False)
+            with scored_positions_only(model, keep):
+                logits = model(**inputs).logits
+            targets = labels[:, 1:][keep[:, :-1]]
+        else:  # the model shifts the labels into decoder inputs itself
+            logits = model(**inputs, labels=labels).logits
+            logits, targets = logits[labels != -100], labels[labels != -100]
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.smoothing)
+
+    @torch.no_grad()
+    def generate(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[str]:
+        d = self.decode_cfg
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": int(d.max_new_tokens),
+            "pad_token_id": self.pad,
+            "eos_token_id": self.tokenizer.eos_token_id,
+            "use_cache": True,
+        }
+        if d.strategy == "beam":
+            kwargs.update(
+                num_beams=int(d.num_beams),
+                length_penalty=float(d.length_penalty),
+                no_repeat_ngram_size=int(d.no_repeat_ngram_size),
+                early_stopping=True,
+                do_sample=False,
+            )
+        elif d.strategy == "greedy":
+            kwargs.update(num_beams=1, do_sample=False, no_repeat_ngram_size=int(d.no_repeat_ngram_size))
+        else:  # sample
+            kwargs.update(do_sample=True, top_p=float(d.top_p), temperature=float(d.temperature), num_beams=1)
+        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+        if self.kind == "decoder":  # drop the (left-padded) prompt: every row continues at the same position
+            out = out[:, batch["input_ids"].shape[1] :]
+        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        return [" ".join(t.split()) for t in texts]
+
+
+def left_pad(seqs: list[list[int]], pad: int, left: bool) -> dict[str, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def decode_all(model: torch.nn.Module, loader, batcher: GenerationBatcher) -> list[str]:
+    """Outputs for every input of the loader, in its order."""
+    model.eval()
+    texts: list[str] = []
+    for batch in loader:
+        texts += batcher.generate(model, batch)
+    return texts

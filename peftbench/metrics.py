@@ -118,5 +118,24 @@ def compute(
     return {name: get_metric(name).fn(preds, refs, groups) for name in names}
 
 
+CATEGORIES = ("_seen", "_unseen")  # WebNLG's test categories: `bleu_seen` is BLEU on the seen ones
+
+
 def higher_is_better(name: str) -> bool:
+    for suffix in CATEGORIES:
+        name = name.removesuffix(suffix)
     return get_metric(name).higher_is_better
+
+
+def produced(task_cfg) -> set[str]:
+    """The metric names a task's evaluation puts in a record: its metrics, a generation task's whole
+    official suite (model-based ones may be recorded unavailable), WebNLG's per-category copies on test."""
+    names = set(task_cfg.metrics)
+    scorer = task_cfg.get("scorer")
+    if scorer:
+        from peftbench.nlg_metrics import SUITES
+
+        names |= set(SUITES[scorer])
+        if scorer == "webnlg" and task_cfg.get("eval_split") == "test":
+            names |= {n + c for n in SUITES[scorer] for c in CATEGORIES}
+    return names

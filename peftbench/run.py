@@ -292,7 +292,7 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
     record["device"] = device_info(acc.device)
     record["determinism"] = determinism(acc.device)
     params = [p for p in s.model.parameters() if p.requires_grad]
-    if not params:
+    if not params or t.max_steps == 0:  # nothing trains (ICL), or a baseline of the model as loaded
         return evaluate_only(cfg, record, s, acc, artifacts)
     opt = make_optimizer(params, t)
     n_batches = len(s.train_loader)
@@ -401,7 +401,8 @@ def make_optimizer(params: list[torch.nn.Parameter], t: DictConfig) -> torch.opt
 def evaluate_only(
     cfg: DictConfig, record: dict[str, Any], s: Setup, acc: Accelerator, artifacts: Path
 ) -> None:
-    """Nothing trains (in-context learning): one evaluation, with contextual calibration if asked."""
+    """Nothing trains (in-context learning, train.max_steps=0): one evaluation, with contextual calibration
+    if asked."""
     model, eval_loader = acc.prepare(s.model, s.eval_loader)
     reset_peak_memory(acc.device)
     t0 = time.perf_counter()

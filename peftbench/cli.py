@@ -389,6 +389,11 @@ def cmd_table(args: list[str]) -> int:
         help="over seeds (default: the preset's protocol, else mean); ± std either way",
     )
     p.add_argument("--no-paper", action="store_true", help="leave out the paper's numbers")
+    p.add_argument(
+        "--efficiency",
+        action="store_true",
+        help="add % trainable, peak memory, train time, tokens/s and bytes stored per task (means over runs)",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the table to this file (atomically)")
     p.add_argument(
         "--check",
@@ -401,7 +406,7 @@ def cmd_table(args: list[str]) -> int:
     root = a.results or results_root()
     if a.check:
         return check_tables(root)
-    text = make_table(root, a.name, a.format, a.stat, not a.no_paper)
+    text = make_table(root, a.name, a.format, a.stat, not a.no_paper, a.efficiency)
     print(text)
     if a.out:
         write_atomic(a.out, text + "\n")
@@ -412,17 +417,25 @@ def results_root() -> Path:
     return Path(os.environ.get("PEFTBENCH_RESULTS_DIR", "results"))
 
 
-def make_table(root: Path, name: str, fmt: str = "md", stat: str | None = None, paper: bool = True) -> str:
+def make_table(
+    root: Path,
+    name: str,
+    fmt: str = "md",
+    stat: str | None = None,
+    paper: bool = True,
+    with_efficiency: bool = False,
+) -> str:
     from peftbench import experiment
     from peftbench.record import load_records
     from peftbench.report import records_table, render
 
     records = load_records(root / name)
     if experiment.is_preset(name):
-        return render(experiment.table(experiment.load_preset(name), records, stat, paper), fmt)
+        preset = experiment.load_preset(name)
+        return render(experiment.table(preset, records, stat, paper, with_efficiency), fmt)
     if not records:
         raise UserError(f"no records in {root / name}; run `peftbench train name={name} ...` first")
-    return render(records_table(records, stat or "mean"), fmt)
+    return render(records_table(records, stat or "mean", with_efficiency), fmt)
 
 
 def check_tables(root: Path) -> int:

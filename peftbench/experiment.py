@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from peftbench.errors import UserError, choice_error
 from peftbench.paths import config_dir, group_options
-from peftbench.report import METRIC_SHORT, format_params
+from peftbench.report import METRIC_SHORT, efficiency, format_bytes, format_params
 
 FILTER_KEYS = ("row", "task", "seed", "model", "method")
 
@@ -138,7 +138,13 @@ def cell_values(records: list[dict], row: str, task: str, metric: str) -> tuple[
     return done, {r["status"] for r in mine if r["status"] != "finished"}
 
 
-def table(preset: DictConfig, records: list[dict], stat: str | None = None, paper: bool = True) -> list[dict]:
+def table(
+    preset: DictConfig,
+    records: list[dict],
+    stat: str | None = None,
+    paper: bool = True,
+    with_efficiency: bool = False,
+) -> list[dict]:
     """The paper's layout: its rows and columns in its order, ours = protocol statistic ± std (n seeds),
     the paper's number and the difference beside it; runs that do not exist are 'missing', never 0."""
     stat = stat or preset.protocol.stat
@@ -195,6 +201,8 @@ def table(preset: DictConfig, records: list[dict], stat: str | None = None, pape
             if paper and reported.get("avg") is not None:
                 avg += f" [paper {reported['avg']}]"
             line["Avg"] = avg
+        if with_efficiency:
+            line |= efficiency([r for r in records if r.get("row") == row.label])
         out.append(line)
     return out
 
@@ -229,13 +237,6 @@ def cost_table(preset: DictConfig, records: list[dict], stat: str, paper: bool =
             line[header] += f" [paper {reported['accuracy']}]"
         out.append(line)
     return out
-
-
-def format_bytes(n: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
 
 
 def plot_series(

@@ -91,7 +91,38 @@ def _cell(values: list[float], stat: str) -> str:
     return f"{center:.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
 
 
-def records_table(records: list[dict], stat: str = "mean") -> list[dict[str, str]]:
+def format_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+EFFICIENCY = {  # column -> (where in a record, format); each the mean over a row's finished runs
+    "% trainable": (("params", "trainable_percent"), lambda v: f"{v:.3f}"),
+    "peak MiB": (("memory", "peak_mib"), lambda v: f"{v:.0f}"),
+    "train s": (("train", "train_s"), lambda v: f"{v:.0f}"),
+    "tokens/s": (("train", "tokens_per_s"), lambda v: f"{v:.0f}"),
+    "stored / task": (("cost", "disk_bytes"), format_bytes),
+}
+
+
+def efficiency(runs: list[dict]) -> dict[str, str]:
+    """The efficiency columns of one table row (`peftbench table --efficiency`)."""
+    out = {}
+    for column, ((section, key), fmt) in EFFICIENCY.items():
+        values = [
+            v
+            for r in runs
+            if r.get("status") == "finished" and (v := (r.get(section) or {}).get(key)) is not None
+        ]
+        out[column] = fmt(statistics.fmean(values)) if values else ""
+    return out
+
+
+def records_table(
+    records: list[dict], stat: str = "mean", with_efficiency: bool = False
+) -> list[dict[str, str]]:
     labels = row_labels(records)
     tasks = sorted(
         {r["task"] for r in records}, key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else 99, t)
@@ -125,6 +156,8 @@ def records_table(records: list[dict], stat: str = "mean") -> list[dict[str, str
                     out[col] = ", ".join(sorted({r["status"] for r in runs})) if runs else ""
         if len(tasks) > 1:
             out["Avg"] = f"{statistics.fmean(mains):.2f}" if len(mains) == len(tasks) else ""
+        if with_efficiency:
+            out |= efficiency([r for runs in cells[row].values() for r in runs])
         table.append(out)
     return table
 

@@ -180,3 +180,68 @@ def test_experiment_table_check_and_plot(tmp_path, capsys):
         "mean",
     )
     assert [x for x, *_ in series["lora"]] == [1, 4, 8, 16]
+
+
+def test_multi_metric_columns_and_superglue_average():
+    """A task column can list metrics (CB acc + F1, MultiRC EM + F1a); Avg is the mean over tasks of each
+    task's mean metric: P-tuning's BERT-base CLS-FT row gives its printed Avg 66.2 from its own cells."""
+    preset = OmegaConf.create(
+        {
+            "protocol": {"stat": "mean"},
+            "tasks": ["boolq", "cb", "wic", "rte", "multirc", "wsc", "copa"],
+            "columns": {
+                "boolq": "accuracy",
+                "cb": ["accuracy", "macro_f1"],
+                "wic": "accuracy",
+                "rte": "accuracy",
+                "multirc": ["em", "f1a"],
+                "wsc": "accuracy",
+                "copa": "accuracy",
+            },
+            "avg": True,
+            "rows": [{"label": "CLS-FT", "model": "bert-base", "method": "full", "paper": {"avg": 66.2}}],
+        }
+    )
+    cells = {
+        ("boolq", "accuracy"): 72.9,
+        ("cb", "accuracy"): 85.1,
+        ("cb", "macro_f1"): 73.9,
+        ("wic", "accuracy"): 71.1,
+        ("rte", "accuracy"): 68.4,
+        ("multirc", "em"): 16.2,
+        ("multirc", "f1a"): 66.3,
+        ("wsc", "accuracy"): 63.5,
+        ("copa", "accuracy"): 67.0,
+    }
+    records = []
+    for task in preset.tasks:
+        metrics = {m: v for (t, m), v in cells.items() if t == task}
+        rec = fake("CLS-FT", task, 0, 0.0)
+        rec["best"]["metrics"] = metrics
+        records.append(rec)
+    (row,) = experiment.table(preset, records)
+    assert (
+        row["cb acc"] == "85.1 (n=1)" and row["cb mF1"] == "73.9 (n=1)" and row["multirc em"] == "16.2 (n=1)"
+    )
+    assert row["Avg"] == "66.2 [paper 66.2]"
+
+
+def test_prefix_table_layout_and_efficiency_columns():
+    preset = experiment.load_preset("prefix_tuning_table1")
+    rec = fake("PREFIX(0.1%)", "e2e", 0, 0.0)
+    rec["best"]["metrics"] = {"bleu": 69.0, "nist": 8.5, "meteor": 46.0, "rouge_l": 71.0, "cider": 2.4}
+    rec.update(
+        params={"trainable_without_head": 491520, "trainable_percent": 0.138},
+        memory={"peak_mib": 2048.4},
+        train={"train_s": 120.2, "tokens_per_s": 3500.0},
+        cost={"disk_bytes": 1966080},
+    )
+    rows = experiment.table(preset, [rec], with_efficiency=True)
+    prefix = next(r for r in rows if r["method"] == "PREFIX(0.1%)")
+    assert prefix["E2E BLEU"] == "69.0 (n=1) [paper 69.7, Δ -0.7]"
+    assert prefix["E2E NIST"] == "8.50 (n=1) [paper 8.81, Δ -0.31]"
+    assert prefix["WebNLG BLEU-S"] == "missing [paper 62.9]" and prefix["DART TER"] == "missing [paper 0.46]"
+    assert list(prefix)[-5:] == ["% trainable", "peak MiB", "train s", "tokens/s", "stored / task"]
+    assert (prefix["% trainable"], prefix["peak MiB"], prefix["stored / task"]) == ("0.138", "2048", "2.0 MB")
+    sota = next(r for r in rows if r["method"] == "SOTA")
+    assert sota["WebNLG TER"] == "n/a: prior work" and sota["E2E CIDEr"] == "n/a: prior work [paper 2.37]"

@@ -1,7 +1,7 @@
 """Batched decoding vs one-at-a-time `generate`, same model, same inputs, same run.
 
     python scripts/bench_decode.py                      # 500 E2E dev inputs, tiny GPT-2, greedy
-    python scripts/bench_decode.py --model gpt2 --n 100 --strategy beam --num-beams 5
+    python scripts/bench_decode.py --model gpt2 --random --n 100     # GPT-2 small dims, random weights, offline
 
 Both paths decode the first N distinct E2E dev inputs with the same `task.decode` settings and the same
 (random-init or pretrained) model: one `generate` call per input, then peftbench's batched path (prompts
@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--random", action="store_true", help="random weights from the model YAML's dims (offline)")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.threads:
@@ -46,6 +47,7 @@ def main() -> None:
             f"task.decode.strategy={a.strategy}",
             f"task.decode.num_beams={a.num_beams}",
             f"task.decode.max_new_tokens={a.max_new_tokens}",
+            *(["model.source=random", "model.tokenizer=gpt2_bpe"] if a.random else []),
         ]
     )
     kind = family(cfg.model, True).kind
@@ -74,7 +76,7 @@ def main() -> None:
         batched[i] = t
 
     same = sum(x == y for x, y in zip(single, batched))
-    print(f"model {a.model} ({kind}), {len(feats)} E2E dev inputs, {a.strategy}, max {a.max_new_tokens} new tokens")
+    print(f"model {a.model}{' (random init)' if a.random else ''} ({kind}), {len(feats)} E2E dev inputs, {a.strategy}, max {a.max_new_tokens} new tokens")
     print(f"one at a time: {t_single:8.2f} s  ({len(feats) / t_single:7.1f} inputs/s)")
     print(f"batched x{a.batch_size}: {t_batched:8.2f} s  ({len(feats) / t_batched:7.1f} inputs/s)")
     print(f"speed-up {t_single / t_batched:.1f}x; identical outputs {same}/{len(feats)}")

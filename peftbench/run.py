@@ -51,7 +51,7 @@ from peftbench.prompting import (
 from peftbench.record import check_writable, read_record, run_id, write_atomic, write_record
 from peftbench.tasks import TaskData, load_task
 from peftbench.tasks.classification import shot_seed
-from peftbench.validate import validate
+from peftbench.validate import OPTIMIZERS, validate
 
 
 def execute(cfg: DictConfig) -> dict[str, Any]:
@@ -293,7 +293,7 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
     record["determinism"] = determinism(acc.device)
     params = [p for p in s.model.parameters() if p.requires_grad]
     if not params or t.max_steps == 0:  # nothing trains (ICL), or a baseline of the model as loaded
-        return evaluate_only(cfg, record, s, acc, artifacts)
+        return evaluate_only(cfg, record, s, acc)
     opt = make_optimizer(params, t)
     n_batches = len(s.train_loader)
     steps_per_epoch = math.ceil(n_batches / t.grad_accum)
@@ -374,7 +374,7 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
         record["final"] = evaluate(model, eval_loader, s, cfg)
         record["final"]["merged"] = True
     if s.test_loader is not None:  # with the weights the record reports (best, merged)
-        record["test_predictions"] = predict_test(model, acc.prepare(s.test_loader), s, artifacts)
+        record["test_predictions"] = predict_test(model, acc.prepare(s.test_loader), s)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], t: DictConfig) -> torch.optim.Optimizer:
@@ -395,12 +395,10 @@ def make_optimizer(params: list[torch.nn.Parameter], t: DictConfig) -> torch.opt
             relative_step=False,
             warmup_init=False,
         )
-    raise choice_error("train.optimizer", t.optimizer, ["adamw", "adafactor"])  # validate() checks it first
+    raise choice_error("train.optimizer", t.optimizer, OPTIMIZERS)  # validate() checks it first
 
 
-def evaluate_only(
-    cfg: DictConfig, record: dict[str, Any], s: Setup, acc: Accelerator, artifacts: Path
-) -> None:
+def evaluate_only(cfg: DictConfig, record: dict[str, Any], s: Setup, acc: Accelerator) -> None:
     """Nothing trains (in-context learning, train.max_steps=0): one evaluation, with contextual calibration
     if asked."""
     model, eval_loader = acc.prepare(s.model, s.eval_loader)
@@ -416,7 +414,7 @@ def evaluate_only(
     p.eval_s = time.perf_counter() - t0
     finish_record(cfg, record, acc, p, 1)
     if s.test_loader is not None:
-        record["test_predictions"] = predict_test(model, acc.prepare(s.test_loader), s, artifacts)
+        record["test_predictions"] = predict_test(model, acc.prepare(s.test_loader), s)
 
 
 def track(
@@ -539,7 +537,7 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def predict_test(model: torch.nn.Module, loader: DataLoader, s: Setup, artifacts: Path) -> dict[str, Any]:
+def predict_test(model: torch.nn.Module, loader: DataLoader, s: Setup) -> dict[str, Any]:
     """The unlabelled test rows' predicted label names, as `ID,Label` CSV (RAFT's submission format)."""
     model.eval()
     preds = []
@@ -549,7 +547,7 @@ def predict_test(model: torch.nn.Module, loader: DataLoader, s: Setup, artifacts
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["ID", "Label"])
     writer.writerows((f["idx"], s.task.label_names[p]) for f, p in zip(loader.dataset, preds))
-    path = artifacts / "test_predictions.csv"
+    path = s.artifacts / "test_predictions.csv"
     with disk_full_is_user_error(f"the test predictions {path}", "rerun to write them"):
         write_atomic(path, buf.getvalue())
     return {"path": str(path), "rows": len(preds), "of": len(s.task.test)}

@@ -3,14 +3,16 @@ example, training FLOPs, and the bytes that must be stored per task.
 
 FLOPs follow Kaplan et al. (2020), as T-Few does: a forward pass of an N-parameter model costs 2 N FLOPs per
 token it reads, and training costs 3 forward passes (forward + backward). The tokens are the ones this run
-really feeds the model: every answer choice's sequence in rank classification (each choice is a separate
-sequence), the demonstrations in front of every input for in-context learning, the decoder's target for
+really feeds the model: in rank classification the context once and every answer choice after it when the
+batcher shares the context (`RankBatcher.tokens`; T-Few counts T0's encoder input once), else every choice's
+own sequence; the demonstrations in front of every input for in-context learning; the decoder's target for
 T5 / BART.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,8 +31,8 @@ def example_tokens(feature: dict, seq2seq: bool) -> int:
     return n
 
 
-def mean_tokens(features: list[dict], seq2seq: bool) -> float:
-    return statistics.fmean(example_tokens(f, seq2seq) for f in features) if features else 0.0
+def mean_tokens(features: list[dict], tokens_of: Callable[[dict], int]) -> float:
+    return statistics.fmean(tokens_of(f) for f in features) if features else 0.0
 
 
 def stored_bytes(model: torch.nn.Module, stored_params: int) -> int:
@@ -47,9 +49,12 @@ def static_cost(
     evals: list[dict],
     seq2seq: bool,
     demonstrations: str | None,
+    tokens_of: Callable[[dict], int] | None = None,
 ) -> dict[str, Any]:
-    """The run's costs that do not depend on how long it trains; `add_training` adds the rest."""
-    per_example = mean_tokens(evals, seq2seq)
+    """The run's costs that do not depend on how long it trains; `add_training` adds the rest.
+    `tokens_of`: the tokens a feature costs (default `example_tokens`)."""
+    tokens_of = tokens_of or (lambda f: example_tokens(f, seq2seq))
+    per_example = mean_tokens(evals, tokens_of)
     if demonstrations is not None:  # in-context learning stores its prompt, not weights
         disk, what = len(demonstrations.encode("utf-8")), "demonstrations (UTF-8 text)"
     elif stored_params:
@@ -60,7 +65,7 @@ def static_cost(
         "params": n_params,
         "inference_tokens_per_example": round(per_example, 2),
         "inference_flops_per_example": 2.0 * n_params * per_example,
-        "train_tokens_per_example": round(mean_tokens(train, seq2seq), 2),
+        "train_tokens_per_example": round(mean_tokens(train, tokens_of), 2),
         "training_flops": 0.0,
         "disk_bytes": disk,
         "disk_what": what,

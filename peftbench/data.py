@@ -97,5 +97,8 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
 
 
 def feature_length(feature: dict) -> int:
-    """Tokens of a feature: every choice's sequence, or the one sequence (generation)."""
+    """Tokens of a feature: every choice's sequence (prompt format: context + answer per choice), or the one
+    sequence (generation)."""
+    if "answers" in feature:
+        return sum(len(feature["context"]) + len(a) for a in feature["answers"])
     return sum(len(c["input_ids"]) for c in feature.get("choices") or [feature])

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from torch.utils.checkpoint import checkpoint
 
 from peftbench.errors import UserError
 from peftbench.tasks.classification import fields_of, group_of
@@ -117,13 +118,15 @@ def encode_prompted(
     separator: str = "\n\n",
     anchored: bool = False,
 ) -> list[dict[str, Any]]:
-    """Per row: one sequence per choice, {input_ids, attention_mask, labels}; labels are -100 except on the
-    tokens that score the choice. The context is cut from the left to fit task.max_length (the query and
-    its answer stay; the oldest demonstrations go first). `anchored`: the context is task.prompt.anchored,
-    real anchor words around [P] prompt slots (P-tuning, Liu et al. 2021 Sec. 3)."""
+    """Per row: {context, answers, label, idx, group}: the context's token ids and each choice's answer ids;
+    RankBatcher builds the model inputs from them. The context is cut from the left to fit task.max_length
+    with the longest answer (the query stays; the oldest demonstrations go first), the same context for
+    every choice. `anchored`: the context is task.prompt.anchored, real anchor words around [P] prompt
+    slots (P-tuning, Liu et al. 2021 Sec. 3)."""
     prefix = demonstration_text(task_cfg, demos, separator)
     max_len = int(task_cfg.max_length)
-    specials = tokenizer("")["input_ids"]  # how the tokenizer wraps a text: [CLS] [SEP], <s> </s>, </s>
+    n_specials = 0 if kind == "decoder" else len(tokenizer("")["input_ids"])
+    answers: dict[str, list[int]] = {}  # one token list per distinct choice text, shared by every row
     out = []
     for row in rows:
         context, choices = format_prompt(task_cfg, row, "anchored" if anchored else "template")
@@ -133,34 +136,55 @@ def encode_prompted(
             if anchored
             else tokenizer(text, add_special_tokens=False)["input_ids"]
         )
-        seqs = [sequence(tokenizer, kind, ctx, c, max_len, specials) for c in choices]
+        for c in choices:
+            if c not in answers:
+                answers[c] = answer_ids(tokenizer, kind, c)
+        ans = [answers[c] for c in choices]
+        room = max_len - n_specials - (0 if kind == "encoder-decoder" else max(map(len, ans)))
         out.append(
-            {"choices": seqs, "label": row["label"], "idx": row["idx"], "group": group_of(task_cfg, row)}
+            {
+                "context": ctx[-max(1, room) :],
+                "answers": ans,
+                "label": row["label"],
+                "idx": row["idx"],
+                "group": group_of(task_cfg, row),
+            }
         )
     return out
 
 
-def sequence(
-    tokenizer, kind: str, ctx: list[int], choice: str, max_len: int, specials: list[int]
-) -> dict[str, list[int]]:
-    if kind == "encoder-decoder":  # T5 / BART: the answer is the decoder's target (with its special tokens)
-        target = tokenizer(choice)["input_ids"]
-        ids = with_specials(specials, ctx[-(max_len - 2) :])
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": target}
-    answer = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
-    if not answer:
+def answer_ids(tokenizer, kind: str, choice: str) -> list[int]:
+    """The tokens that score a choice: T5 / BART's decoder target (with its special tokens), else the
+    choice's words as they continue the context (" True")."""
+    if kind == "encoder-decoder":
+        return tokenizer(choice)["input_ids"]
+    ids = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+    if not ids:
         raise UserError(f"answer choice {choice!r} has no tokens")
+    return ids
+
+
+def sequence(
+    kind: str, ctx: list[int], answer: list[int], specials: list[int], mask_id
+) -> dict[str, list[int]]:
+    """One choice as its own sequence {input_ids, attention_mask, labels}; labels are -100 except on the
+    tokens that score the choice."""
+    if kind == "encoder-decoder":  # T5 / BART: the answer is the decoder's target
+        ids = with_specials(specials, ctx)
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": answer}
     if kind == "decoder":  # GPT-2: context + answer, scored left to right
-        ids = ctx[-max(1, max_len - len(answer)) :] + answer
-        labels = [-100] * (len(ids) - len(answer)) + answer
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+        ids = ctx + answer
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(ctx) + answer}
     # encoder (masked LM): [CLS] context [MASK] * len(answer) [SEP]; each mask scores one answer token
-    body = ctx[-max(1, max_len - len(answer) - 2) :] + [tokenizer.mask_token_id] * len(answer)
-    ids = with_specials(specials, body)
-    start = ids.index(tokenizer.mask_token_id, len(ids) - len(answer) - 2)
+    ids = with_specials(specials, ctx + [mask_id] * len(answer))
+    start = mask_start(specials, ctx)
     labels = [-100] * len(ids)
     labels[start : start + len(answer)] = answer
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def mask_start(specials: list[int], ctx: list[int]) -> int:
+    return len(ctx) + (1 if len(specials) == 2 else 0)
 
 
 def with_specials(specials: list[int], body: list[int]) -> list[int]:
@@ -171,12 +195,24 @@ def with_specials(specials: list[int], body: list[int]) -> list[int]:
     return body + specials
 
 
+# methods that change the input sequence itself (soft prompts, key/value prefixes): one sequence per choice
+SEQUENCE_METHODS = {"prefix_tuning", "prompt_tuning", "p_tuning"}
+
+
 class RankBatcher:
     """Collate + forward / loss / predict for the prompt format, with the same interface as data.Batcher:
-    `logits` are the choices' scores (B, C), so evaluation, metrics and the best-checkpoint logic are shared."""
+    `logits` are the choices' scores (B, C), so evaluation, metrics and the best-checkpoint logic are shared.
 
-    def __init__(self, tokenizer, kind: str, train_cfg: DictConfig):
-        self.tokenizer, self.kind = tokenizer, kind
+    `share_context`: the context of a row goes through the model once for all its choices, as t-few's
+    EncoderDecoder does for T5: GPT-2 scores the answers on the context's key/value cache, T5 / BART decode
+    every answer from one encoder pass, and a masked LM runs one sequence per distinct answer length (the
+    inputs of equally long answers are identical). Same scores as one sequence per choice (tested); with
+    77 choices (RAFT banking_77) it is what makes prediction feasible. Methods that change the input
+    sequence itself (prefix tuning, prompt tuning, P-tuning) take one sequence per choice."""
+
+    def __init__(self, tokenizer, kind: str, train_cfg: DictConfig, share_context: bool = False):
+        self.tokenizer, self.kind, self.share_context = tokenizer, kind, share_context
+        self.specials = tokenizer("")["input_ids"] if tokenizer is not None else []
         loss = train_cfg.get("loss") or {}
         self.w_lm = float(loss.get("lm", 1.0))
         self.w_ul = float(loss.get("ul", 0.0))
@@ -184,43 +220,162 @@ class RankBatcher:
         self.length_norm = bool(train_cfg.get("rank_length_norm", True))
         self.prior: torch.Tensor | None = None  # contextual calibration: p_cf over the choices
 
+    def sequences(self, feature: dict) -> list[dict[str, list[int]]]:
+        """A row's choices, each as its own sequence."""
+        mask_id = self.tokenizer.mask_token_id
+        return [
+            sequence(self.kind, feature["context"], a, self.specials, mask_id) for a in feature["answers"]
+        ]
+
+    def tokens(self, feature: dict) -> int:
+        """Tokens fed to the model for one row (what cost.py counts): the context once and every answer
+        when shared, else every choice's own sequence (T5 / BART: with its decoder target)."""
+        ctx, answers = len(feature["context"]), feature["answers"]
+        if not self.share_context:
+            seq2seq = self.kind == "encoder-decoder"
+            return sum(len(q["input_ids"]) + seq2seq * len(q["labels"]) for q in self.sequences(feature))
+        if self.kind == "decoder":
+            return ctx + sum(map(len, answers))
+        if self.kind == "encoder-decoder":
+            return ctx + len(self.specials) + sum(map(len, answers))
+        return sum(ctx + len(self.specials) + n for n in {len(a) for a in answers})
+
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        n_choices = {len(f["choices"]) for f in features}
+        n_choices = {len(f["answers"]) for f in features}
         if len(n_choices) != 1:
             raise UserError("rows of one batch have different numbers of answer choices")
-        flat = [c for f in features for c in f["choices"]]
+        labels = torch.tensor([f["label"] for f in features], dtype=torch.long)
+        if self.share_context:
+            return {**self.collate_shared(features), "labels": labels}
+        flat = [c for f in features for c in self.sequences(f)]
         pad = self.tokenizer.pad_token_id
-        batch = {
+        return {
             "input_ids": pad_to([c["input_ids"] for c in flat], pad),
             "attention_mask": pad_to([c["attention_mask"] for c in flat], 0),
             "choice_labels": pad_to([c["labels"] for c in flat], -100),
-            "labels": torch.tensor([f["label"] for f in features], dtype=torch.long),
+            "labels": labels,
         }
+
+    def collate_shared(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id
+        answers = [a for f in features for a in f["answers"]]
+        batch = {"choice_labels": pad_to(answers, -100)}
+        if self.kind == "decoder":  # contexts left-padded: every answer continues at the last column
+            ctx = [f["context"] for f in features]
+            batch["input_ids"] = pad_to(ctx, pad, left=True)
+            batch["attention_mask"] = pad_to([[1] * len(c) for c in ctx], 0, left=True)
+            batch["answer_ids"] = pad_to(answers, pad)
+            batch["answer_mask"] = pad_to([[1] * len(a) for a in answers], 0)
+        elif self.kind == "encoder-decoder":
+            ctx = [with_specials(self.specials, f["context"]) for f in features]
+            batch["input_ids"] = pad_to(ctx, pad)
+            batch["attention_mask"] = pad_to([[1] * len(c) for c in ctx], 0)
+        else:  # masked LM: one sequence per (row, answer length); each choice reads its masks from it
+            mask_id = self.tokenizer.mask_token_id
+            seqs, spans, rows = [], [], []  # spans: (start, length, first scored row) per sequence
+            for f in features:
+                by_length: dict[int, int] = {}
+                for a in f["answers"]:
+                    if len(a) not in by_length:
+                        by_length[len(a)] = len(seqs)
+                        seqs.append(with_specials(self.specials, f["context"] + [mask_id] * len(a)))
+                        first = spans[-1][2] + spans[-1][1] if spans else 0
+                        spans.append((mask_start(self.specials, f["context"]), len(a), first))
+                    first = spans[by_length[len(a)]][2]
+                    rows.append(list(range(first, first + len(a))))
+            scored = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.bool)
+            for u, (start, n, _) in enumerate(spans):
+                scored[u, start : start + n] = True
+            batch["input_ids"] = pad_to(seqs, pad)
+            batch["attention_mask"] = pad_to([[1] * len(q) for q in seqs], 0)
+            batch["scored"] = scored  # the mask positions, in the order their logits come out
+            batch["score_rows"] = pad_to(rows, 0)  # per answer token: its row among those logits
         return batch
 
     def token_logprobs(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """log p of every scored token, (B, C, T), and the mask of scored tokens. Decoder and masked-LM
-        heads project only the scored positions onto the vocabulary (`scored_positions_only`): a 512-token
-        GPT-2 prompt would otherwise need 512 x 50,257 logits per choice."""
-        targets = batch["choice_labels"]
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if self.kind == "encoder-decoder":  # the targets are the short answers: all their logits
-            logits = model(**inputs, labels=targets).logits
-            keep = targets != -100
-            logits, scored = logits[keep], targets[keep]
+        """log p of every scored token, (B, C, T), and the mask of scored tokens. Only the scored positions
+        reach the vocabulary projection, in chunks (`scored_hidden`, `logprobs_at`): a 512-token GPT-2
+        prompt would otherwise need 512 x 50,257 logits per choice, and 64 rows x 77 choices of a few
+        tokens each are 30,000 positions, 6 GB of logits at once."""
+        if self.share_context:
+            lp, keep = self.shared_logprobs(model, batch)
         else:
-            if self.kind == "decoder":  # position t predicts token t + 1
-                keep = F.pad(targets[:, 1:] != -100, (0, 1), value=False)
-                scored = targets[:, 1:][keep[:, :-1]]
-            else:
-                keep = targets != -100
-                scored = targets[keep]
-            with scored_positions_only(model, keep):
-                logits = model(**inputs).logits
-        lp = targets.new_zeros(targets.shape, dtype=torch.float32)
-        lp[keep] = -F.cross_entropy(logits.float(), scored, reduction="none")
+            lp, keep = self.sequence_logprobs(model, batch)
         b = len(batch["labels"])
         return lp.view(b, -1, lp.shape[-1]), keep.view(b, -1, keep.shape[-1])
+
+    def sequence_logprobs(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = batch["choice_labels"]
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self.kind == "encoder-decoder":  # the targets are the decoder's tokens
+            inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=targets)
+            keep = scored = targets != -100
+            tokens = targets[keep]
+        elif self.kind == "decoder":  # position t predicts token t + 1
+            scored = targets != -100
+            keep = F.pad(scored[:, 1:], (0, 1), value=False)
+            tokens = targets[:, 1:][keep[:, :-1]]
+        else:
+            keep = scored = targets != -100
+            tokens = targets[keep]
+        with scored_hidden(model, keep) as hidden:
+            model(**inputs)
+        lp = targets.new_zeros(targets.shape, dtype=torch.float32)
+        lp[scored] = logprobs_at(model, hidden[0], torch.arange(len(tokens), device=tokens.device), tokens)
+        return lp, scored
+
+    def shared_logprobs(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = batch["choice_labels"]  # (B * C, T): the answers' tokens
+        scored = targets != -100
+        c = len(targets) // len(batch["labels"])
+        lp = targets.new_zeros(targets.shape, dtype=torch.float32)
+        mask = batch["attention_mask"]
+        if self.kind == "encoder-decoder":  # one encoder pass; every answer is decoded from it
+            encoded = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=mask)
+            with scored_hidden(model, scored) as hidden:
+                model(
+                    encoder_outputs=(encoded.last_hidden_state.repeat_interleave(c, 0),),
+                    attention_mask=mask.repeat_interleave(c, 0),
+                    decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=targets),
+                )
+            tokens = targets[scored]
+            lp[scored] = logprobs_at(
+                model, hidden[0], torch.arange(len(tokens), device=tokens.device), tokens
+            )
+        elif self.kind == "decoder":  # the context's last position predicts every answer's first token
+            last = torch.zeros_like(mask, dtype=torch.bool)
+            last[:, -1] = True  # contexts are left-padded
+            with scored_hidden(model, last) as hidden:
+                out = model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=mask,
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True,
+                )
+            rows = torch.arange(len(mask), device=mask.device).repeat_interleave(c)
+            lp[:, 0] = logprobs_at(model, hidden[0], rows, targets[:, 0])
+            keep = F.pad(scored[:, 1:], (0, 1), value=False)  # answer position t predicts token t + 1
+            if keep.any():  # the answers continue on the context's key/value cache, one copy per choice
+                cache = out.past_key_values
+                cache.batch_repeat_interleave(c)
+                start = mask.sum(-1).repeat_interleave(c, 0)[:, None]
+                with scored_hidden(model, keep) as hidden:
+                    model(
+                        input_ids=batch["answer_ids"],
+                        attention_mask=torch.cat([mask.repeat_interleave(c, 0), batch["answer_mask"]], -1),
+                        position_ids=start + torch.arange(targets.shape[1], device=targets.device),
+                        past_key_values=cache,
+                        use_cache=True,
+                    )
+                tokens = targets[:, 1:][scored[:, 1:]]
+                lp[:, 1:][scored[:, 1:]] = logprobs_at(
+                    model, hidden[0], torch.arange(len(tokens), device=tokens.device), tokens
+                )
+        else:  # masked LM: each answer token reads the mask position of its answer length's sequence
+            with scored_hidden(model, batch["scored"]) as hidden:
+                model(input_ids=batch["input_ids"], attention_mask=mask)
+            lp[scored] = logprobs_at(model, hidden[0], batch["score_rows"][scored], targets[scored])
+        return lp, scored
 
     def scores(self, lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return mean_logprob(lp, mask) if self.length_norm else (lp * mask).sum(-1)
@@ -246,10 +401,57 @@ class RankBatcher:
 
 
 @contextmanager
+def scored_hidden(model: torch.nn.Module, keep: torch.Tensor) -> Iterator[list[torch.Tensor]]:
+    """While active, the vocabulary projection (the output embedding) takes only the hidden states at `keep`
+    (B, T), hands them to the caller (the yielded list) and returns no rows: `logprobs_at` then projects
+    them in chunks. The model's own logits come back empty."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kept: list[torch.Tensor] = []
+
+    def take(module, args):
+        kept.append(args[0][keep])
+        return (kept[-1][:0], *args[1:])
+
+    handle = base.get_output_embeddings().register_forward_pre_hook(take)
+    try:
+        yield kept
+    finally:
+        handle.remove()
+
+
+def logprobs_at(
+    model: torch.nn.Module, hidden: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, chunk: int = 1024
+) -> torch.Tensor:
+    """log p(tokens[i]) under the vocabulary distribution of hidden[rows[i]], for hidden states taken by
+    `scored_hidden`. The projection runs over `chunk` hidden states at a time (with gradients each chunk is
+    recomputed in the backward pass), so no (positions x vocabulary) tensor is ever whole."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    bias = getattr(base, "final_logits_bias", None)  # BART adds it after the projection
+
+    def part(h: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        if bias is not None:
+            logits = logits + bias.float()
+        return logits.log_softmax(-1)[r, t]
+
+    pieces, order = [], []
+    for start in range(0, len(hidden), chunk):
+        sel = ((rows >= start) & (rows < start + chunk)).nonzero().squeeze(1)
+        if len(sel):
+            args = (hidden[start : start + chunk], rows[sel] - start, tokens[sel])
+            grad = torch.is_grad_enabled() and hidden.requires_grad
+            pieces.append(checkpoint(part, *args, use_reentrant=False) if grad else part(*args))
+            order.append(sel)
+    if not pieces:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces)[torch.argsort(torch.cat(order))]
+
+
+@contextmanager
 def scored_positions_only(model: torch.nn.Module, keep: torch.Tensor) -> Iterator[None]:
     """While active, the output embedding (the vocabulary projection) sees only the hidden states at `keep`
-    (B, T) and returns (keep.sum(), V) logits. transformers' `logits_to_keep` does this for causal LMs but
-    not for masked LMs; a hook on the projection does it for both."""
+    (B, T) and returns (keep.sum(), V) logits (generation's training loss)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep], *args[1:]))
@@ -284,8 +486,10 @@ def mean_logprob(lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (lp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
-def pad_to(seqs: list[list[int]], value: int) -> torch.Tensor:
+def pad_to(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     width = max(len(s) for s in seqs)
+    if left:
+        return torch.tensor([[value] * (width - len(s)) + s for s in seqs], dtype=torch.long)
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 

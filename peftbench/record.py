@@ -23,10 +23,12 @@ NON_SEMANTIC_TRAIN_KEYS = {
     "progress",
     "log_every",
     "save_adapter",
+    "export_model",
     "eval_batch_size",
     "checkpoint_every",  # a resumed run ends bit-identical to an uninterrupted one
     "lock_wait_s",
     "lock_stale_s",
+    "share_context",  # the same scores computed with one context pass for all choices (tested equal)
 }
 
 

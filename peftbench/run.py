@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import random
@@ -41,6 +42,7 @@ from peftbench.lock import RunLock, describe, try_lock
 from peftbench.methods import apply_method, finish, save_trainable, stored_count
 from peftbench.models import count, family, load_model, uses_lm
 from peftbench.prompting import (
+    SEQUENCE_METHODS,
     RankBatcher,
     anchored,
     content_free_prior,
@@ -237,7 +239,8 @@ def prepare(cfg: DictConfig, record: dict[str, Any], artifacts: Path | None = No
             demos = demonstrations(task.train, cfg.method, int(cfg.seed))
             task.train = []
             record["demonstrations"] = [d["idx"] for d in demos]
-        batcher = RankBatcher(tokenizer, fam.kind, cfg.train)
+        share = bool(cfg.train.share_context) and cfg.method.name not in SEQUENCE_METHODS
+        batcher = RankBatcher(tokenizer, fam.kind, cfg.train, share_context=share)
         slots = anchored(cfg)  # P-tuning's [P] slots in the template
         train = encode_prompted(task.train, cfg.task, tokenizer, fam.kind, anchored=slots)
 
@@ -274,7 +277,8 @@ def prepare(cfg: DictConfig, record: dict[str, Any], artifacts: Path | None = No
     )
     demo_text = demonstration_text(cfg.task, demos) if cfg.method.get("shots") is not None else None
     seq2seq = lm and fam.kind == "encoder-decoder"
-    record["cost"] = static_cost(model, counts["total"], stored, train, evals, seq2seq, demo_text)
+    tokens_of = batcher.tokens if isinstance(batcher, RankBatcher) else None
+    record["cost"] = static_cost(model, counts["total"], stored, train, evals, seq2seq, demo_text, tokens_of)
     if cfg.task.get("n_shot") or cfg.task.get("shots_from"):  # which few-shot rows, reproducibly
         record["data"].update(
             shots_from=cfg.task.get("shots_from"),
@@ -375,6 +379,25 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
         record["final"]["merged"] = True
     if s.test_loader is not None:  # with the weights the record reports (best, merged)
         record["test_predictions"] = predict_test(model, acc.prepare(s.test_loader), s)
+    if t.export_model:
+        record["export"] = export_model(model, Path(t.export_model), record)
+
+
+def export_model(model: torch.nn.Module, folder: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """The trained model as a transformers checkpoint (LoRA / IA3 merged into the weights), loadable as
+    `model.path=FOLDER`: e.g. a base that later PEFT runs adapt. export.json says which run made it."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    with disk_full_is_user_error(f"the exported model {folder}", "the record and adapter are kept"):
+        try:
+            model.save_pretrained(tmp)
+            made_by = {k: record[k] for k in ("run_id", "method", "model", "task", "seed", "best")}
+            (tmp / "export.json").write_text(json.dumps(made_by, indent=2) + "\n")
+            checkpoint.replace_dir(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"path": str(folder), "bytes": checkpoint.size(folder)}
 
 
 def make_optimizer(params: list[torch.nn.Parameter], t: DictConfig) -> torch.optim.Optimizer:

@@ -23,6 +23,10 @@ NO_GENERATION = {
 FORMATS = ("head", "prompt")
 
 
+# methods whose trained model is a plain transformers model (peft's LoRA / IA3 merge into the weights)
+EXPORTABLE = ("full", "ft_top2", "bitfit", "lora", "ia3")
+
+
 def _positive(value, name: str, kind=(int,), allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -45,6 +49,11 @@ def validate(cfg: DictConfig) -> None:
     _positive(t.log_every, "train.log_every")
     if not 0 <= t.warmup_ratio < 1:
         raise UserError(f"train.warmup_ratio={t.warmup_ratio!r}: must be in [0, 1)")
+    if t.get("export_model") and cfg.method.name not in EXPORTABLE:
+        raise UserError(
+            f"train.export_model with method={cfg.method.name}: its trained parameters are not weights of the "
+            f"base model; export works with: {', '.join(EXPORTABLE)}"
+        )
     if t.optimizer not in OPTIMIZERS:
         raise choice_error("train.optimizer", t.optimizer, OPTIMIZERS)
     if t.weight_decay < 0:

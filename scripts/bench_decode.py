@@ -28,7 +28,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--random", action="store_true", help="random weights from the model YAML's dims (offline)")
+    ap.add_argument(
+        "--random", action="store_true", help="random weights from the model YAML's dims (offline)"
+    )
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.threads:
@@ -76,7 +78,9 @@ def main() -> None:
         batched[i] = t
 
     same = sum(x == y for x, y in zip(single, batched))
-    print(f"model {a.model}{' (random init)' if a.random else ''} ({kind}), {len(feats)} E2E dev inputs, {a.strategy}, max {a.max_new_tokens} new tokens")
+    print(
+        f"model {a.model}{' (random init)' if a.random else ''} ({kind}), {len(feats)} E2E dev inputs, {a.strategy}, max {a.max_new_tokens} new tokens"
+    )
     print(f"one at a time: {t_single:8.2f} s  ({len(feats) / t_single:7.1f} inputs/s)")
     print(f"batched x{a.batch_size}: {t_batched:8.2f} s  ({len(feats) / t_batched:7.1f} inputs/s)")
     print(f"speed-up {t_single / t_batched:.1f}x; identical outputs {same}/{len(feats)}")

@@ -13,8 +13,9 @@ FEW += ["task.max_length=512", "train.max_eval_samples=6", "train.progress=false
 
 
 def independent_tokens(cfg, rows, demos=()):
-    """Tokens per example as the formula means them: every choice = context (+ demonstrations) + answer,
-    the context cut from the left to task.max_length."""
+    """Tokens per example as the formula means them, for GPT-2 with the context shared by the choices: the
+    context (+ demonstrations) once, cut from the left to task.max_length less the longest answer, then
+    every answer."""
     from peftbench.models import load_model
 
     _, tok = load_model(cfg.model, "classification", 2, lm=True)
@@ -24,7 +25,7 @@ def independent_tokens(cfg, rows, demos=()):
         context, choices = format_prompt(cfg.task, row)
         ctx = len(tok(prefix + context, add_special_tokens=False)["input_ids"])
         answers = [len(tok(" " + c, add_special_tokens=False)["input_ids"]) for c in choices]
-        total += sum(min(cfg.task.max_length, ctx + a) for a in answers)
+        total += min(cfg.task.max_length - max(answers), ctx) + sum(answers)
     return total / len(rows)
 
 

@@ -3,6 +3,7 @@ it), batched left-padded decoding gives what one-at-a-time `generate` gives, and
 WebNLG and DART files makes the generated text better than the untrained model's, with the official metrics
 in the record and the outputs saved one line per input."""
 
+import json
 import re
 from pathlib import Path
 
@@ -173,3 +174,28 @@ def test_generation_cost_counts_prompt_and_target_tokens(compose):
 
     f = encode_train(ROWS[:1], cfg.task, tok, kind)[0]
     assert example_tokens(f, seq2seq=True) == len(f["input_ids"]) + len(f["labels"])
+
+
+def test_exported_model_is_a_base_that_reproduces_the_run(compose, tmp_path):
+    """train.export_model: LoRA merged into the weights and saved as a transformers folder; loading it with
+    model.path and evaluating without training gives the trained run's outputs and scores."""
+    require_data()
+    out = tmp_path / "base"
+    small = ["task=e2e", "model=tiny-gpt2", "task.decode.strategy=greedy", "task.decode.max_new_tokens=12"]
+    small += ["train.max_eval_samples=8", "train.batch_size=16", "train.max_train_samples=64"]
+    rec = run(
+        compose, *small, "method=lora", "train.lr=1e-2", "train.max_steps=4", f"train.export_model={out}"
+    )
+    assert json.loads((out / "export.json").read_text())["run_id"] == rec["run_id"]
+    assert rec["export"]["bytes"] > 0 and (out / "config.json").exists()
+    again = run(compose, *small, "method=full", "train.max_steps=0", f"model.path={out}")
+    assert again["model"] == "tiny-gpt2" and again["config"]["model"]["path"] == str(out)
+    assert Path(again["best"]["predictions"]).read_text() == Path(rec["best"]["predictions"]).read_text()
+    assert again["best"]["metrics"] == rec["best"]["metrics"]
+
+
+def test_export_refuses_methods_whose_parameters_are_not_base_weights(compose):
+    from peftbench.validate import validate
+
+    with pytest.raises(UserError, match="export works with: full, ft_top2, bitfit, lora, ia3"):
+        validate(compose("task=e2e", "method=prefix_tuning", "train.export_model=/tmp/x"))

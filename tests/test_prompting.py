@@ -57,7 +57,7 @@ def test_each_family_scores_the_answer_tokens(compose, model):
     feature = s.eval_loader.dataset[0]
     context, choices = format_prompt(cfg.task, s.task.validation[0])
     assert choices == ["True", "False"] and context.endswith("True or False? Answer:")
-    for seq, choice in zip(feature["choices"], choices):
+    for seq, choice in zip(s.batcher.sequences(feature), choices):
         scored = [t for t in seq["labels"] if t != -100]
         assert tok.decode(scored, skip_special_tokens=True).strip().lower() == choice.lower()  # BERT: uncased
         kind = family(cfg.model).kind
@@ -69,6 +69,64 @@ def test_each_family_scores_the_answer_tokens(compose, model):
     batch = next(iter(s.eval_loader))
     logits = s.batcher.logits(s.model.eval(), batch)
     assert logits.shape == (4, 2) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-t5", "tiny-bart", "tiny-bert", "tiny-roberta"])
+def test_shared_context_scores_equal_one_sequence_per_choice(compose, model):
+    """RAFT banking_77: 77 answers of 1 to 7+ tokens. Scoring them on one pass of the context (GPT-2: the
+    key/value cache, T5 / BART: one encoder pass, masked LM: one sequence per answer length) gives the
+    token log-probs, the T-Few loss and the gradients of one sequence per choice."""
+    require_data()
+    from peftbench.run import prepare
+
+    cfg = compose(
+        f"model={model}",
+        "method=lora",
+        "task=raft_banking_77",
+        "task.format=prompt",
+        "task.max_length=40",  # contexts cut from the left: the shared cut is the one every choice sees
+        "train.max_eval_samples=3",
+        "train.eval_batch_size=3",
+        "train.loss.ul=1",
+        "train.loss.ln=1",
+        "+model.dims.initializer_range=0.5" if model != "tiny-t5" else "seed=42",
+    )
+    s = prepare(cfg, {})
+    shared = s.batcher
+    assert shared.share_context
+    single = RankBatcher(shared.tokenizer, shared.kind, cfg.train, share_context=False)
+    features = list(s.eval_loader.dataset)
+    lengths = {len(a) for f in features for a in f["answers"]}
+    assert len(features[0]["answers"]) == 77 and len(lengths) >= 4
+    model_ = (
+        s.model.eval()
+    )  # no dropout: the two passes must compute the same function (gradients still flow)
+    results = []
+    for batcher in (shared, single):
+        model_.zero_grad()
+        lp, mask = batcher.token_logprobs(model_, batcher(features))
+        loss = tfew_loss(lp, mask, torch.tensor([f["label"] for f in features]), 1, 1, 1)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model_.named_parameters() if p.requires_grad}
+        results.append(((lp * mask).sum(-1).detach(), mask.sum(-1), loss.item(), grads))
+    (a, na, la, ga), (b, nb, lb, gb) = results
+    assert torch.equal(na, nb)  # the same tokens scored
+    assert a.shape == (3, 77) and torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    assert a.std() > 0.1  # the scores really differ between answers
+    assert la == pytest.approx(lb, rel=1e-4)
+    assert ga.keys() == gb.keys() and len(ga) > 0
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], atol=1e-5, rtol=1e-3), n
+    # what a row costs: the context once and the answers after it, against every choice's own sequence
+    f = features[0]
+    assert (
+        shared.tokens(f)
+        < single.tokens(f)
+        == sum(
+            len(q["input_ids"]) + (shared.kind == "encoder-decoder") * len(q["labels"])
+            for q in single.sequences(f)
+        )
+    )
 
 
 # every method x family through the LM head: (method, model) -> reason it does not apply
@@ -266,7 +324,7 @@ def test_p_tuning_fills_the_anchored_template_slots(compose, model):
         *([] if model == "tiny-t5" else ["+model.dims.initializer_range=0.5"]),  # as in the matrix above
     )
     s = prepare(cfg, {})
-    seq = s.train_loader.dataset[0]["choices"][0]["input_ids"]
+    seq = s.batcher.sequences(s.train_loader.dataset[0])[0]["input_ids"]
     assert [i for i in seq if i < 0] == [-1, -2, -3]
     tail = s.batcher.tokenizer.decode([i for i in seq[seq.index(-3) + 1 :] if i >= 0])
     assert "Answer:" in tail

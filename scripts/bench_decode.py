@@ -2,6 +2,7 @@
 
     python scripts/bench_decode.py                      # 500 E2E dev inputs, tiny GPT-2, greedy
     python scripts/bench_decode.py --model gpt2 --random --n 100     # GPT-2 small dims, random weights, offline
+    python scripts/bench_decode.py --model small-gpt2 --path results/bases/small-gpt2-e2e   # a trained model
 
 Both paths decode the first N distinct E2E dev inputs with the same `task.decode` settings and the same
 (random-init or pretrained) model: one `generate` call per input, then peftbench's batched path (prompts
@@ -31,6 +32,9 @@ def main() -> None:
     ap.add_argument(
         "--random", action="store_true", help="random weights from the model YAML's dims (offline)"
     )
+    ap.add_argument(
+        "--path", default=None, help="a saved model folder (model.path), e.g. train.export_model's"
+    )
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.threads:
@@ -50,6 +54,7 @@ def main() -> None:
             f"task.decode.num_beams={a.num_beams}",
             f"task.decode.max_new_tokens={a.max_new_tokens}",
             *(["model.source=random", "model.tokenizer=gpt2_bpe"] if a.random else []),
+            *([f"model.path={a.path}"] if a.path else []),
         ]
     )
     kind = family(cfg.model, True).kind
@@ -79,7 +84,7 @@ def main() -> None:
 
     same = sum(x == y for x, y in zip(single, batched))
     print(
-        f"model {a.model}{' (random init)' if a.random else ''} ({kind}), {len(feats)} E2E dev inputs, {a.strategy}, max {a.max_new_tokens} new tokens"
+        f"model {a.model}{' (random init)' if a.random else ''}{f' from {a.path}' if a.path else ''} ({kind}), {len(feats)} E2E dev inputs, {a.strategy}, max {a.max_new_tokens} new tokens"
     )
     print(f"one at a time: {t_single:8.2f} s  ({len(feats) / t_single:7.1f} inputs/s)")
     print(f"batched x{a.batch_size}: {t_batched:8.2f} s  ({len(feats) / t_batched:7.1f} inputs/s)")

@@ -42,6 +42,22 @@ _BERT_PROJ = {
 FAMILIES: dict[str, Family] = {
     "bert": Family(("bert.encoder.layer",), (), ("classifier",), _BERT_PROJ, "encoder"),
     "roberta": Family(("roberta.encoder.layer",), (), ("classifier",), _BERT_PROJ, "encoder"),
+    # ALBERT shares one layer across depth: its block list is the layer groups (one group, one layer in
+    # every released size), applied num_hidden_layers times; the P-tuning few-shot tables use it.
+    "albert": Family(
+        ("albert.encoder.albert_layer_groups",),
+        (),
+        ("classifier",),
+        {
+            "q": r"attention\.query",
+            "k": r"attention\.key",
+            "v": r"attention\.value",
+            "o": r"attention\.dense",
+            "ffn_in": r"\.ffn$",
+            "ffn_out": r"\.ffn_output$",
+        },
+        "encoder",
+    ),
     "deberta-v2": Family(
         ("deberta.encoder.layer",),
         (),

@@ -46,7 +46,9 @@ def test_tfew_losses_on_a_two_example_batch():
     assert tfew_loss(lp, mask, y, 0, 0, 1).item() == pytest.approx(ln, abs=1e-6)
 
 
-@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-t5", "tiny-bart", "tiny-bert", "tiny-roberta"])
+@pytest.mark.parametrize(
+    "model", ["tiny-gpt2", "tiny-t5", "tiny-bart", "tiny-bert", "tiny-roberta", "tiny-albert"]
+)
 def test_each_family_scores_the_answer_tokens(compose, model):
     require_data()
     from peftbench.run import prepare
@@ -303,7 +305,7 @@ def test_soft_prompt_generate_says_to_use_prefix_tuning(compose):
         m.generate(**tok(["a b"], return_tensors="pt"), max_new_tokens=2)
 
 
-@pytest.mark.parametrize("model", ["tiny-roberta", "tiny-gpt2", "tiny-t5"])
+@pytest.mark.parametrize("model", ["tiny-roberta", "tiny-gpt2", "tiny-t5", "tiny-albert"])
 def test_p_tuning_fills_the_anchored_template_slots(compose, model):
     """P-tuning's placement: the prompt encoder's 3 vectors sit in the [P] slots between the anchor tokens
     ("?", "Answer:"), not in front; the slots are in every choice's input and the loss falls."""
@@ -327,7 +329,7 @@ def test_p_tuning_fills_the_anchored_template_slots(compose, model):
     seq = s.batcher.sequences(s.train_loader.dataset[0])[0]["input_ids"]
     assert [i for i in seq if i < 0] == [-1, -2, -3]
     tail = s.batcher.tokenizer.decode([i for i in seq[seq.index(-3) + 1 :] if i >= 0])
-    assert "Answer:" in tail
+    assert "answer:" in tail.lower().replace(" ", "")  # WordPiece (BERT, ALBERT here) is uncased
     losses = overfit(s, lr=3e-2, steps=15)
     assert losses[-1] < losses[0] - 0.1, losses  # 3 vectors steer a frozen random model: nats, not factors
 
@@ -341,3 +343,30 @@ def test_p_tuning_template_slot_count_must_match_the_length(compose):
         validate(compose("method=p_tuning", "method.placement=template", "method.length=3", "task=cb"))
     with pytest.raises(UserError, match="no task.prompt.anchored"):
         validate(compose("method=p_tuning", "method.placement=template", "task=sst2", "task.format=prompt"))
+
+
+@pytest.mark.parametrize("encoder", ["lstm", "mlp", "emb"])
+def test_albert_p_tuning_encoders_train_through_the_mlm_head(compose, encoder):
+    """The P-tuning few-shot tables' setting on a tiny ALBERT: the prompt encoder's vectors (ALBERT's
+    factorised embedding width, 16 here, not its hidden 32) in the anchored template, backbone tuned."""
+    require_data()
+    from peftbench.run import prepare
+
+    cfg = compose(
+        "model=tiny-albert",
+        "method=p_tuning",
+        f"method.encoder={encoder}",
+        "method.placement=template",
+        "method.length=3",
+        "method.tune_backbone=true",
+        "task=cb",
+        "task.format=prompt",
+        "task.max_length=64",
+        "train.max_train_samples=8",
+        "train.batch_size=8",
+        "+model.dims.initializer_range=0.5",
+    )
+    s = prepare(cfg, {})
+    assert s.model.base_model.get_input_embeddings().weight.shape[1] == 16
+    losses = overfit(s, lr=1e-2, steps=15)
+    assert losses[-1] < losses[0] - 0.1, losses

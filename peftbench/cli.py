@@ -392,7 +392,7 @@ def cmd_table(args: list[str]) -> int:
     p.add_argument(
         "--efficiency",
         action="store_true",
-        help="add % trainable, peak memory, train time, tokens/s and bytes stored per task (means over runs)",
+        help="add %% trainable, peak memory, train time, tokens/s and bytes stored per task (means over runs)",
     )
     p.add_argument("--out", type=Path, default=None, help="also write the table to this file (atomically)")
     p.add_argument(

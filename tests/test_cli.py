@@ -204,3 +204,14 @@ def test_sweep_check_expands_a_glob_over_the_groups_options():
     tasks = [p[-1] for p in points]
     assert len(tasks) == 7 and tasks[0] == "task=raft_ade_corpus_v2" and all(p[0] == "seed=1" for p in points)
     assert not any(t.startswith("task=raft_t") for t in tasks)
+
+
+@pytest.mark.parametrize("verb", ["train", "list", "params", "table", "plot", "score", "raft-submit"])
+def test_every_verb_prints_its_help(verb, capsys):
+    from peftbench.cli import main
+
+    try:  # argparse verbs exit 0 after the help; train and score print theirs and return 0
+        rc = main([verb, "--help"])
+    except SystemExit as e:
+        rc = e.code
+    assert rc == 0 and "usage: peftbench" in capsys.readouterr().out

@@ -147,16 +147,22 @@ def _read_hub(cfg: DictConfig, split: str, missing_local: Path | None) -> list[d
     )
 
 
-def hub_rows(hub: DictConfig, split: str) -> tuple[list[dict] | None, str]:
-    """The rows of a hub split via `datasets`, or None and why they could not be loaded."""
+def hub_load(path: str, name: str | None = None, split: str | None = None):
+    """`datasets.load_dataset(path, name, split=split)`, or None and why it could not be loaded."""
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return None, "HF_HUB_OFFLINE=1"
     try:
         import datasets
 
-        return [dict(r) for r in datasets.load_dataset(hub.path, hub.get("name"), split=split)], ""
+        return datasets.load_dataset(path, name, split=split), ""
     except Exception as e:  # any failure to reach or read the hub is a user-facing data problem
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def hub_rows(hub: DictConfig, split: str) -> tuple[list[dict] | None, str]:
+    """The rows of a hub split via `datasets`, or None and why they could not be loaded."""
+    ds, reason = hub_load(hub.path, hub.get("name"), split)
+    return ([dict(r) for r in ds] if ds is not None else None), reason
 
 
 def _read_local(cfg: DictConfig, path: Path) -> list[dict]:

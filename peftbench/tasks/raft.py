@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -18,6 +17,7 @@ from omegaconf import DictConfig
 from peftbench.errors import UserError
 from peftbench.paths import data_dir
 from peftbench.tasks import TaskData
+from peftbench.tasks.classification import hub_load
 
 
 def load(cfg: DictConfig, seed: int, max_train: int | None = None) -> TaskData:
@@ -97,27 +97,20 @@ def _read_hub(
     cfg: DictConfig, missing: Path | None
 ) -> tuple[list[dict], list[dict], list[str], dict[str, str]]:
     where = f"no local {missing / 'task.json'}" if missing else "PEFTBENCH_DATA_DIR is not set"
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        reason = "HF_HUB_OFFLINE=1"
-    else:
-        try:
-            import datasets
+    ds, reason = hub_load(cfg.hub.path, cfg.subset)
+    if ds is not None:
+        labels = ds["train"].features["Label"].names[1:]  # 0 is "Unlabeled"
 
-            ds = datasets.load_dataset(cfg.hub.path, cfg.subset)
-            labels = ds["train"].features["Label"].names[1:]  # 0 is "Unlabeled"
+        def rows(split: str) -> list[dict]:
+            out = []
+            for r in ds[split]:
+                row = {k: v for k, v in r.items() if k not in ("Label", "ID")}
+                row.update(idx=int(r["ID"]), label=int(r["Label"]) - 1)
+                out.append(row)
+            return out
 
-            def rows(split: str) -> list[dict]:
-                out = []
-                for r in ds[split]:
-                    row = {k: v for k, v in r.items() if k not in ("Label", "ID")}
-                    row.update(idx=int(r["ID"]), label=int(r["Label"]) - 1)
-                    out.append(row)
-                return out
-
-            hub = f"hub:{cfg.hub.path}/{cfg.subset}"
-            return rows("train"), rows("test"), labels, {"train": hub, "test": hub}
-        except Exception as e:  # any failure to reach or read the hub is a user-facing data problem
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        hub = f"hub:{cfg.hub.path}/{cfg.subset}"
+        return rows("train"), rows("test"), labels, {"train": hub, "test": hub}
     raise UserError(
         f"task {cfg.name}: {where}, and the hub dataset {cfg.hub.path}/{cfg.subset} could not be loaded "
         f"({reason}); put the RAFT release in $PEFTBENCH_DATA_DIR/{cfg.local.dir}/{cfg.subset}/ or go online"

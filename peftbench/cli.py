@@ -27,6 +27,21 @@ GROUPS = ("method", "model", "task", "train", "experiment")
 VERBS = ("train", "list", "params", "table", "plot", "score", "raft-submit")
 
 
+def default_jobs() -> int:
+    """Parallel runs on one machine (hydra/launcher=parallel): $PEFTBENCH_JOBS, else one per visible GPU,
+    else half the CPU cores."""
+    if os.environ.get("PEFTBENCH_JOBS"):
+        return int(os.environ["PEFTBENCH_JOBS"])
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+OmegaConf.register_new_resolver("peftbench_jobs", default_jobs, replace=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--debug" not in argv:

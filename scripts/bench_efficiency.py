@@ -1,0 +1,164 @@
+"""Training efficiency of every method on one model, measured side by side in one run of this script.
+
+Each method trains the same random-init model (a model YAML's dims, no download; random weights time like
+trained ones) on the same fixed batches of random tokens with a 2-class head, in its own subprocess so that
+peak memory is the method's own (CPU: peak RSS of the process; CUDA: peak allocated). Per method: trainable
+parameters, steady step time (forward + backward + AdamW step; `--warmup` steps dropped), step time and peak
+memory relative to full fine-tuning of the same run, tokens/s. Inference latency relative to the base model
+(LoRA and IA3 merged and unmerged, adapters, prefix, prompt) is `scripts/bench_latency.py`'s job; with
+`--latency` this script runs it on the same model and batch and prints its table after this one.
+
+    python scripts/bench_efficiency.py                                   # RoBERTa-base dims, CPU
+    python scripts/bench_efficiency.py --threads 2 --steps 6 --warmup 2 --methods full,lora,bitfit
+    python scripts/bench_efficiency.py --model roberta-large --device cuda --bf16 --batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+METHODS = (
+    "full",
+    "ft_top2",
+    "bitfit",
+    "lora",
+    "ia3",
+    "adapter_houlsby",
+    "adapter_pfeiffer",
+    "prefix_tuning",
+    "prompt_tuning",
+)
+
+
+def worker(a: argparse.Namespace) -> dict:
+    """One method: build, apply, train --warmup + --steps steps on fixed batches, report."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from bench_latency import build_base, make_inputs
+
+    from peftbench.cli import compose
+    from peftbench.methods import apply_method
+    from peftbench.models import count, family
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    cfg = compose([f"model={a.model}", f"method={a.method}"])
+    model = build_base(a.model)
+    if a.method != "full":
+        model = apply_method(model, cfg.method, family(cfg.model))
+    model.to(device).train()
+    counts = count(model, family(cfg.model).head)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    inputs = make_inputs(model.config, a.batch, a.seq_len, device)
+    labels = torch.zeros(a.batch, dtype=torch.long, device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(a.warmup + a.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
+            loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    steady = sorted(times[a.warmup :])
+    s_per_step = steady[len(steady) // 2]  # median: robust to a disturbed step
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "method": a.method,
+        "trainable": counts["trainable_without_head"],  # the papers' count: without the task head
+        "total": counts["total_without_head"],
+        "s_per_step": s_per_step,
+        "tokens_per_s": a.batch * a.seq_len / s_per_step,
+        "peak_mib": peak,
+    }
+
+
+def spawn(method: str, a: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--method", method, "--model", a.model]
+    cmd += ["--batch", str(a.batch), "--seq-len", str(a.seq_len), "--steps", str(a.steps)]
+    cmd += ["--warmup", str(a.warmup), "--device", a.device, *(["--bf16"] if a.bf16 else [])]
+    cmd += ["--threads", str(a.threads)] if a.threads else []
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"worker {method} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict], memory: str) -> str:
+    full = next(r for r in rows if r["method"] == "full")
+    lines = [
+        f"| method | trainable (no head) | % of base | s/step | × full FT step | {memory} MiB | × full FT memory | tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['trainable']:,} | {100 * r['trainable'] / r['total']:.3f} | "
+            f"{r['s_per_step']:.3f} | {r['s_per_step'] / full['s_per_step']:.2f} | {r['peak_mib']:.0f} | "
+            f"{r['peak_mib'] / full['peak_mib']:.2f} | {r['tokens_per_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="roberta-base")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    p.add_argument("--latency", action="store_true", help="also run scripts/bench_latency.py on this model")
+    p.add_argument("--worker", action="store_true")
+    p.add_argument("--method", default="full")
+    a = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.worker:
+        print(json.dumps(worker(a)))
+        return
+    methods = a.methods.split(",")
+    if "full" not in methods:
+        methods.insert(0, "full")
+    start = time.perf_counter()
+    rows = [spawn(m, a) for m in methods]
+    memory = "peak allocated" if a.device == "cuda" else "peak RSS"
+    print(
+        f"model={a.model} (random init) batch={a.batch} seq_len={a.seq_len} steps={a.steps} (+{a.warmup} "
+        f"warm-up, median step) device={a.device}{' bf16' if a.bf16 else ''} threads={a.threads or 'default'} "
+        f"torch {torch.__version__}; {time.perf_counter() - start:.0f} s"
+    )
+    print(table(rows, memory))
+    if a.latency:
+        cmd = [
+            sys.executable,
+            os.path.join(os.path.dirname(__file__), "bench_latency.py"),
+            "--model",
+            a.model,
+        ]
+        cmd += ["--batch-sizes", str(a.batch), "--seq-len", str(a.seq_len), "--device", a.device]
+        cmd += (["--threads", str(a.threads)] if a.threads else []) + (["--bf16"] if a.bf16 else [])
+        subprocess.run(cmd, check=True)
+
+
+if __name__ == "__main__":
+    main()

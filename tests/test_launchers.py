@@ -48,16 +48,14 @@ def test_submitit_local_launcher_runs_a_2_point_sweep(tmp_path):
 
 
 def test_slurm_launcher_config_composes_with_its_defaults():
-    from hydra import compose, initialize_config_dir
+    from hydra import compose as hydra_compose
 
-    from peftbench.paths import config_dir
+    from peftbench.cli import compose
 
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        cfg = compose(
-            "config",
-            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
-            return_hydra_config=True,
-        )
+    compose([])  # peftbench's Hydra instance, on its config folder (it stays initialised)
+    cfg = hydra_compose(
+        "config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True
+    )
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 720)

@@ -36,6 +36,8 @@ METHODS = (
     "prefix_tuning",
     "prompt_tuning",
 )
+# offline: prompt tuning's default init reads the label words with the model's tokenizer (a download)
+OVERRIDES = {"prompt_tuning": ["method.init=random_uniform"]}
 
 
 def worker(a: argparse.Namespace) -> dict:
@@ -50,7 +52,7 @@ def worker(a: argparse.Namespace) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    cfg = compose([f"model={a.model}", f"method={a.method}"])
+    cfg = compose([f"model={a.model}", f"method={a.method}", *OVERRIDES.get(a.method, [])])
     model = build_base(a.model)
     if a.method != "full":
         model = apply_method(model, cfg.method, family(cfg.model))

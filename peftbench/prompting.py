@@ -321,7 +321,7 @@ class RankBatcher:
         with scored_hidden(model, keep) as hidden:
             model(**inputs)
         lp = targets.new_zeros(targets.shape, dtype=torch.float32)
-        lp[scored] = logprobs_at(model, hidden[0], torch.arange(len(tokens), device=tokens.device), tokens)
+        lp[scored] = logprobs_at(model, hidden[0], tokens)
         return lp, scored
 
     def shared_logprobs(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,10 +338,7 @@ class RankBatcher:
                     attention_mask=mask.repeat_interleave(c, 0),
                     decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=targets),
                 )
-            tokens = targets[scored]
-            lp[scored] = logprobs_at(
-                model, hidden[0], torch.arange(len(tokens), device=tokens.device), tokens
-            )
+            lp[scored] = logprobs_at(model, hidden[0], targets[scored])
         elif self.kind == "decoder":  # the context's last position predicts every answer's first token
             last = torch.zeros_like(mask, dtype=torch.bool)
             last[:, -1] = True  # contexts are left-padded
@@ -353,7 +350,7 @@ class RankBatcher:
                     use_cache=True,
                 )
             rows = torch.arange(len(mask), device=mask.device).repeat_interleave(c)
-            lp[:, 0] = logprobs_at(model, hidden[0], rows, targets[:, 0])
+            lp[:, 0] = logprobs_at(model, hidden[0], targets[:, 0], rows)
             keep = F.pad(scored[:, 1:], (0, 1), value=False)  # answer position t predicts token t + 1
             if keep.any():  # the answers continue on the context's key/value cache, one copy per choice
                 cache = out.past_key_values
@@ -367,14 +364,11 @@ class RankBatcher:
                         past_key_values=cache,
                         use_cache=True,
                     )
-                tokens = targets[:, 1:][scored[:, 1:]]
-                lp[:, 1:][scored[:, 1:]] = logprobs_at(
-                    model, hidden[0], torch.arange(len(tokens), device=tokens.device), tokens
-                )
+                lp[:, 1:][scored[:, 1:]] = logprobs_at(model, hidden[0], targets[:, 1:][scored[:, 1:]])
         else:  # masked LM: each answer token reads the mask position of its answer length's sequence
             with scored_hidden(model, batch["scored"]) as hidden:
                 model(input_ids=batch["input_ids"], attention_mask=mask)
-            lp[scored] = logprobs_at(model, hidden[0], batch["score_rows"][scored], targets[scored])
+            lp[scored] = logprobs_at(model, hidden[0], targets[scored], batch["score_rows"][scored])
         return lp, scored
 
     def scores(self, lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -400,19 +394,23 @@ class RankBatcher:
         return logits.argmax(-1)
 
 
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 @contextmanager
 def scored_hidden(model: torch.nn.Module, keep: torch.Tensor) -> Iterator[list[torch.Tensor]]:
     """While active, the vocabulary projection (the output embedding) takes only the hidden states at `keep`
     (B, T), hands them to the caller (the yielded list) and returns no rows: `logprobs_at` then projects
     them in chunks. The model's own logits come back empty."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     kept: list[torch.Tensor] = []
 
     def take(module, args):
         kept.append(args[0][keep])
         return (kept[-1][:0], *args[1:])
 
-    handle = base.get_output_embeddings().register_forward_pre_hook(take)
+    handle = base_model(model).get_output_embeddings().register_forward_pre_hook(take)
     try:
         yield kept
     finally:
@@ -420,12 +418,18 @@ def scored_hidden(model: torch.nn.Module, keep: torch.Tensor) -> Iterator[list[t
 
 
 def logprobs_at(
-    model: torch.nn.Module, hidden: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, chunk: int = 1024
+    model: torch.nn.Module,
+    hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    chunk: int = 1024,
 ) -> torch.Tensor:
-    """log p(tokens[i]) under the vocabulary distribution of hidden[rows[i]], for hidden states taken by
-    `scored_hidden`. The projection runs over `chunk` hidden states at a time (with gradients each chunk is
-    recomputed in the backward pass), so no (positions x vocabulary) tensor is ever whole."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    """log p(tokens[i]) under the vocabulary distribution of hidden[rows[i]] (default: hidden[i]), for hidden
+    states taken by `scored_hidden`. The projection runs over `chunk` hidden states at a time (with gradients
+    each chunk is recomputed in the backward pass), so no (positions x vocabulary) tensor is ever whole."""
+    if rows is None:
+        rows = torch.arange(len(tokens), device=tokens.device)
+    base = base_model(model)
     head = base.get_output_embeddings()
     bias = getattr(base, "final_logits_bias", None)  # BART adds it after the projection
 
@@ -452,8 +456,7 @@ def logprobs_at(
 def scored_positions_only(model: torch.nn.Module, keep: torch.Tensor) -> Iterator[None]:
     """While active, the output embedding (the vocabulary projection) sees only the hidden states at `keep`
     (B, T) and returns (keep.sum(), V) logits (generation's training loss)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
+    head = base_model(model).get_output_embeddings()
     handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep], *args[1:]))
     try:
         yield

@@ -388,16 +388,27 @@ def export_model(model: torch.nn.Module, folder: Path, record: dict[str, Any]) -
     `model.path=FOLDER`: e.g. a base that later PEFT runs adapt. export.json says which run made it."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        made_by = {k: record[k] for k in ("run_id", "method", "model", "task", "seed", "best")}
+        (tmp / "export.json").write_text(json.dumps(made_by, indent=2) + "\n")
+
+    write_folder(folder, fill, f"the exported model {folder}", "the record and adapter are kept")
+    return {"path": str(folder), "bytes": checkpoint.size(folder)}
+
+
+def write_folder(folder: Path, fill, what: str, kept: str):
+    """Fill a temporary sibling of `folder`, then swap it in atomically (like a checkpoint); a full disk is
+    one line naming `what` and what is `kept`. Returns what `fill(tmp)` returns."""
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    with disk_full_is_user_error(f"the exported model {folder}", "the record and adapter are kept"):
+    with disk_full_is_user_error(what, kept):
         try:
-            model.save_pretrained(tmp)
-            made_by = {k: record[k] for k in ("run_id", "method", "model", "task", "seed", "best")}
-            (tmp / "export.json").write_text(json.dumps(made_by, indent=2) + "\n")
+            out = fill(tmp)
             checkpoint.replace_dir(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return {"path": str(folder), "bytes": checkpoint.size(folder)}
+    return out
 
 
 def make_optimizer(params: list[torch.nn.Parameter], t: DictConfig) -> torch.optim.Optimizer:
@@ -487,15 +498,12 @@ def finish_record(
 
 def save_adapter(model: torch.nn.Module, folder: Path) -> dict[str, Any]:
     """The trained parameters (peft format for peft methods), swapped in atomically like a checkpoint."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    with disk_full_is_user_error(
-        f"the adapter {folder}", "the last checkpoint is kept and the rerun resumes from it"
-    ):
-        try:
-            fmt = save_trainable(model, tmp)
-            checkpoint.replace_dir(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    fmt = write_folder(
+        folder,
+        lambda tmp: save_trainable(model, tmp),
+        f"the adapter {folder}",
+        "the last checkpoint is kept and the rerun resumes from it",
+    )
     return {"path": str(folder), "format": fmt, "bytes": checkpoint.size(folder)}
 
 

@@ -124,10 +124,12 @@ def left_pad(seqs: list[list[int]], pad: int, left: bool) -> dict[str, torch.Ten
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def decode_all(model: torch.nn.Module, loader, batcher: GenerationBatcher) -> list[str]:
-    """Outputs for every input of the loader, in its order."""
+def decode_all(model: torch.nn.Module, loader, batcher: GenerationBatcher, gather=None) -> list[str]:
+    """Outputs for every input of the loader, in its order; `gather` collects the processes' shares of each
+    batch under data parallelism."""
     model.eval()
     texts: list[str] = []
     for batch in loader:
-        texts += batcher.generate(model, batch)
+        out = batcher.generate(model, batch)
+        texts += gather(out) if gather is not None else out
     return texts

@@ -186,6 +186,8 @@ def load_model(model_cfg: DictConfig, task_kind: str, num_labels: int, lm: bool 
     if tokenizer.pad_token_id is None:  # GPT-2: pad with EOS; the head reads the last non-pad token
         tokenizer.pad_token = tokenizer.eos_token
     extra["pad_token_id"] = tokenizer.pad_token_id
+    # e.g. +model.config_overrides.hidden_dropout_prob=0: any transformers config attribute, for this run
+    extra.update(OmegaConf.to_container(model_cfg.get("config_overrides") or OmegaConf.create({})))
     source = model_source(model_cfg)
     if source is None:
         torch.manual_seed(int(model_cfg.get("init_seed", 0)))

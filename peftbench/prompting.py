@@ -308,7 +308,7 @@ class RankBatcher:
         targets = batch["choice_labels"]
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if self.kind == "encoder-decoder":  # the targets are the decoder's tokens
-            inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=targets)
+            inputs["decoder_input_ids"] = inner(model).prepare_decoder_input_ids_from_labels(labels=targets)
             keep = scored = targets != -100
             tokens = targets[keep]
         elif self.kind == "decoder":  # position t predicts token t + 1
@@ -331,12 +331,12 @@ class RankBatcher:
         lp = targets.new_zeros(targets.shape, dtype=torch.float32)
         mask = batch["attention_mask"]
         if self.kind == "encoder-decoder":  # one encoder pass; every answer is decoded from it
-            encoded = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=mask)
+            encoded = inner(model).get_encoder()(input_ids=batch["input_ids"], attention_mask=mask)
             with scored_hidden(model, scored) as hidden:
                 model(
                     encoder_outputs=(encoded.last_hidden_state.repeat_interleave(c, 0),),
                     attention_mask=mask.repeat_interleave(c, 0),
-                    decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=targets),
+                    decoder_input_ids=inner(model).prepare_decoder_input_ids_from_labels(labels=targets),
                 )
             lp[scored] = logprobs_at(model, hidden[0], targets[scored])
         elif self.kind == "decoder":  # the context's last position predicts every answer's first token
@@ -395,8 +395,15 @@ class RankBatcher:
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a peft wrapper (or the model itself)."""
+    """The transformers model under a DistributedDataParallel and a peft wrapper (or the model itself)."""
+    model = inner(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def inner(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under a DistributedDataParallel wrapper, for its methods (`get_encoder`, ...); forward passes
+    that train go through the wrapper, which synchronises the gradients."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 @contextmanager

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -49,6 +50,7 @@ from peftbench.prompting import (
     demonstration_text,
     demonstrations,
     encode_prompted,
+    inner,
 )
 from peftbench.record import check_writable, read_record, run_id, write_atomic, write_record
 from peftbench.tasks import TaskData, load_task
@@ -63,6 +65,9 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.results) / cfg.name
     rid = run_id(cfg)
     path = out_dir / f"{rid}.json"
+    state = PartialState(cpu=on_cpu(cfg.train))  # torchrun / accelerate launch: one process per device
+    if state.num_processes > 1:
+        return execute_data_parallel(cfg, state, rid, path)
     if not cfg.train.force and (done := finished(path)):
         return done
     check_writable(out_dir)
@@ -78,6 +83,43 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
             return run_locked(cfg, rid, path)
     finally:
         lock.release()
+
+
+def on_cpu(t: DictConfig) -> bool:
+    return t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
+
+
+def execute_data_parallel(cfg: DictConfig, state: PartialState, rid: str, path: Path) -> dict[str, Any]:
+    """Data parallel over the launched processes: the main process decides (finished, held by another
+    process, or to run), takes the lock and writes the record; every process trains on its share of each
+    batch and evaluates its share of the rows (gathered in order for the metrics)."""
+    n = state.num_processes
+    for key in ("batch_size", "eval_batch_size"):
+        if int(cfg.train[key]) % n:
+            raise UserError(
+                f"train.{key}={cfg.train[key]} with {n} processes: each batch is split over the processes, "
+                f"so it must be a multiple of {n}"
+            )
+    lock, plan = None, ["run"]
+    if state.is_main_process:
+        if not cfg.train.force and finished(path):
+            plan = ["done"]
+        else:
+            check_writable(path.parent)
+            lock_path = path.with_suffix(".lock")
+            lock = acquire_lock(lock_path, cfg.train)
+            if lock is None:
+                print(f"[peftbench] skip {rid}: running in {describe(lock_path)} (lock {lock_path})")
+                plan = ["busy"]
+    broadcast_object_list(plan)
+    try:
+        if plan[0] != "run":
+            return read_record(path) if path.exists() else {"run_id": rid, "status": "running"}
+        with sigterm_as_interrupt():
+            return run_locked(cfg, rid, path)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def finished(path: Path) -> dict[str, Any] | None:
@@ -120,11 +162,18 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def run_locked(cfg: DictConfig, rid: str, path: Path) -> dict[str, Any]:
+    """Train, evaluate and record one run. With several processes only the main one writes (record,
+    checkpoints, adapter, predictions); the others pass `path=None` down."""
+    state = PartialState()
     artifacts = path.parent / rid
-    if cfg.train.force:
-        checkpoint.clear(artifacts / "checkpoint")  # a forced rerun starts from scratch
-    else:
-        checkpoint.clean_temp(artifacts / "checkpoint")  # half-written by a killed process
+    if state.is_main_process:
+        if cfg.train.force:
+            checkpoint.clear(artifacts / "checkpoint")  # a forced rerun starts from scratch
+        else:
+            checkpoint.clean_temp(artifacts / "checkpoint")  # half-written by a killed process
+    state.wait_for_everyone()  # nobody reads the checkpoint before it is cleared
+    if not state.is_main_process:
+        path = None
     record = new_record(cfg, rid)
     save_record(path, record)
     t_start = time.perf_counter()
@@ -155,14 +204,18 @@ def run_locked(cfg: DictConfig, rid: str, path: Path) -> dict[str, Any]:
             if record["status"] == "finished":
                 raise
             # already failing: the first error is the one to report
-    checkpoint.clear(artifacts / "checkpoint")  # the record is final; the checkpoint has done its job
-    print(
-        f"[peftbench] {rid}: best {record['main_metric']}={record['best']['metrics'][record['main_metric']]:.2f} -> {path}"
-    )
+    if path is not None:
+        checkpoint.clear(artifacts / "checkpoint")  # the record is final; the checkpoint has done its job
+    if path is not None:
+        print(
+            f"[peftbench] {rid}: best {record['main_metric']}={record['best']['metrics'][record['main_metric']]:.2f} -> {path}"
+        )
     return record
 
 
-def save_record(path: Path, record: dict[str, Any]) -> None:
+def save_record(path: Path | None, record: dict[str, Any]) -> None:
+    if path is None:  # not the main process
+        return
     with disk_full_is_user_error(
         f"the record {path}", "the last checkpoint is kept and the rerun resumes from it"
     ):
@@ -207,6 +260,8 @@ class Setup:
     test_loader: DataLoader | None = None  # unlabelled test rows to predict (train.predict_test)
     artifacts: Path | None = None  # the run's folder (generated outputs of each evaluation go there)
     n_evals: int = 0
+    gather: Any = None  # the processes' shares of an evaluation batch, in order (accelerate)
+    main: bool = True  # the process that writes (the only one without data parallelism)
 
 
 def prepare(cfg: DictConfig, record: dict[str, Any], artifacts: Path | None = None) -> Setup:
@@ -291,9 +346,17 @@ def prepare(cfg: DictConfig, record: dict[str, Any], artifacts: Path | None = No
 def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path, record_path: Path) -> None:
     t = cfg.train
     s = prepare(cfg, record, artifacts)
-    cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
-    acc = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, cpu=cpu)
+    acc = Accelerator(
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.grad_accum,
+        cpu=on_cpu(t),
+        # data parallel: every batch of train.batch_size is split over the processes, so the global batch,
+        # the steps and the schedule are those of one process
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
+    s.gather, s.main = acc.gather_for_metrics, acc.is_main_process
     record["device"] = device_info(acc.device)
+    record["device"].update(processes=acc.num_processes, distributed=str(acc.distributed_type.value))
     record["determinism"] = determinism(acc.device)
     params = [p for p in s.model.parameters() if p.requires_grad]
     if not params or t.max_steps == 0:  # nothing trains (ICL), or a baseline of the model as loaded
@@ -339,12 +402,15 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
                 sched.step()
                 opt.zero_grad(set_to_none=True)
             p.batch += 1
-            p.tokens += int(batch["attention_mask"].sum())
-            p.samples += len(batch["labels"])
+            counts = torch.tensor(
+                [int(batch["attention_mask"].sum()), len(batch["labels"])], device=acc.device
+            )
+            tokens, samples = acc.reduce(counts, "sum").tolist()  # all processes' shares of the batch
+            p.tokens, p.samples = p.tokens + tokens, p.samples + samples
             if not acc.sync_gradients:
                 continue
             p.step += 1
-            p.losses.append(round(loss.item(), 5))
+            p.losses.append(round(acc.reduce(loss.detach(), "mean").item(), 5))
             now = time.perf_counter()
             p.train_s += now - t_prev
             bar.update(1)
@@ -363,6 +429,7 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
                 ckpt.save(p, acc.unwrap_model(model), best_state, epoch_start)
                 record.update(evals=p.evals, best=p.best)  # the record keeps the evaluations so far
                 save_record(record_path, record)
+                acc.wait_for_everyone()  # a rerun of any process resumes from the same checkpoint
             t_prev = time.perf_counter()
         else:
             p.epoch, p.batch = p.epoch + 1, 0
@@ -371,7 +438,7 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
     record["checkpoint"].update(saved=ckpt.saved, bytes=ckpt.bytes)  # bytes: the last checkpoint's size
     model = acc.unwrap_model(model)
     model.load_state_dict(best_state, strict=False)
-    if t.save_adapter:
+    if t.save_adapter and s.main:
         record["adapter"] = save_adapter(model, artifacts / "adapter")
     if cfg.method.get("merge"):
         model = finish(model)
@@ -379,7 +446,7 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
         record["final"]["merged"] = True
     if s.test_loader is not None:  # with the weights the record reports (best, merged)
         record["test_predictions"] = predict_test(model, acc.prepare(s.test_loader), s)
-    if t.export_model:
+    if t.export_model and s.main:
         record["export"] = export_model(model, Path(t.export_model), record)
 
 
@@ -436,6 +503,7 @@ def evaluate_only(cfg: DictConfig, record: dict[str, Any], s: Setup, acc: Accele
     """Nothing trains (in-context learning, train.max_steps=0): one evaluation, with contextual calibration
     if asked."""
     model, eval_loader = acc.prepare(s.model, s.eval_loader)
+    s.gather, s.main = acc.gather_for_metrics, acc.is_main_process
     reset_peak_memory(acc.device)
     t0 = time.perf_counter()
     if cfg.method.get("calibrate"):
@@ -533,6 +601,8 @@ class Checkpointer:
         }
         if self.acc.scaler is not None:
             state["scaler"] = self.acc.scaler.state_dict()
+        if not self.acc.is_main_process:
+            return
         keeps = "the previous checkpoint is kept and the rerun resumes from it"
         with disk_full_is_user_error(f"the checkpoint of step {p.step} to {self.folder}", keeps):
             self.bytes = checkpoint.save(
@@ -567,13 +637,20 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def gathered(s: Setup, data):
+    """Every process's share of an evaluation batch, in the loader's order (as is without parallelism)."""
+    return data if s.gather is None else s.gather(data)
+
+
 @torch.no_grad()
 def predict_test(model: torch.nn.Module, loader: DataLoader, s: Setup) -> dict[str, Any]:
     """The unlabelled test rows' predicted label names, as `ID,Label` CSV (RAFT's submission format)."""
     model.eval()
     preds = []
     for batch in loader:
-        preds += s.batcher.predict(s.batcher.logits(model, batch)).tolist()
+        preds += s.batcher.predict(gathered(s, s.batcher.logits(model, batch))).tolist()
+    if not s.main:
+        return {}
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["ID", "Label"])
@@ -592,7 +669,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, s: Setup, cfg: DictConf
     model.eval()
     preds, refs, total_loss, n = [], [], 0.0, 0
     for batch in loader:
-        logits = s.batcher.logits(model, batch)
+        logits, labels = gathered(s, (s.batcher.logits(model, batch), batch["labels"]))
+        batch = {"labels": labels}
         total_loss += float(s.batcher.loss_from_logits(logits, batch["labels"])) * len(batch["labels"])
         n += len(batch["labels"])
         preds += s.batcher.predict(logits).tolist()
@@ -609,7 +687,7 @@ def evaluate_generation(
     them as the task's official evaluation does, on all inputs and per category (WebNLG seen / unseen)."""
     from peftbench.nlg_metrics import score_by_category, shared_meteor
 
-    texts = decode_all(model, loader, s.batcher)
+    texts = decode_all(inner(model), loader, s.batcher, lambda t: gathered(s, t))
     by_idx = {f["idx"]: t for f, t in zip(loader.dataset, texts)}
     rows = [r for r in s.task.validation if r["idx"] in by_idx]
     rows.sort(key=lambda r: r["idx"])
@@ -622,7 +700,7 @@ def evaluate_generation(
                 result["unavailable"][name + suffix] = scores.unavailable.get(name, "not computed")
             else:
                 result["metrics"][name + suffix] = round(float(value), 4)
-    if s.artifacts is not None:
+    if s.artifacts is not None and s.main:
         path = s.artifacts / "predictions" / f"eval_{s.n_evals}.txt"
         write_atomic(path, "".join(h + "\n" for h in hyps))
         result["predictions"] = str(path)

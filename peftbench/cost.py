@@ -73,6 +73,19 @@ def static_cost(
     }
 
 
-def add_training(cost: dict[str, Any], examples_trained: int) -> None:
+def add_training(cost: dict[str, Any], examples_trained: int, trainable: int) -> None:
+    """Training FLOPs two ways: T-Few's 3 forward passes per example (its Table 1 counts every method so), and
+    per pass for this method: forward 2 N, backward 2 N for the activations' gradients plus 2 N_trainable for
+    the weights' (Kaplan et al. 2020): 6 N for full fine-tuning, about 4 N when the base is frozen."""
+    tokens = cost["train_tokens_per_example"] * examples_trained
+    n = cost["params"]
     cost["examples_trained"] = examples_trained
-    cost["training_flops"] = 3 * 2.0 * cost["params"] * cost["train_tokens_per_example"] * examples_trained
+    cost["training_flops"] = 3 * 2.0 * n * tokens
+    forward, backward = 2.0 * n * tokens, (2.0 * n + 2.0 * trainable) * tokens
+    cost["training_flops_by_pass"] = {
+        "forward": forward,
+        "backward": backward,
+        "total": forward + backward,
+        "trainable": trainable,
+        "formula": "forward 2 N tokens; backward (2 N + 2 N_trainable) tokens",
+    }

@@ -119,3 +119,26 @@ def peak_memory_mib(device: torch.device) -> float:
     except OSError:
         pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
+# Dense bf16 / fp16 tensor-core peaks (no sparsity), FLOP/s, from NVIDIA's data sheets; the first name that
+# occurs in torch.cuda.get_device_name() wins.
+PEAK_BF16 = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("A100", 312e12),
+)
+
+
+def peak_flops(device: torch.device, mixed_precision: str) -> tuple[float | None, str]:
+    """The device's peak FLOP/s for this run's precision and where it comes from, or None and why not."""
+    if device.type != "cuda":
+        return None, f"no peak known for {device.type}"
+    if mixed_precision not in ("bf16", "fp16"):
+        return None, "peaks are tabulated for bf16 / fp16 (train.mixed_precision)"
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16:
+        if key in name:
+            return flops, f"{key} dense bf16/fp16 peak"
+    return None, f"no peak tabulated for {name} (peftbench/env.py PEAK_BF16)"

@@ -29,6 +29,8 @@ NON_SEMANTIC_TRAIN_KEYS = {
     "lock_wait_s",
     "lock_stale_s",
     "share_context",  # the same scores computed with one context pass for all choices (tested equal)
+    "gradient_checkpointing",  # the same activations, recomputed (tested equal)
+    "compile",  # the same computation, fused: equal up to float rounding (tested)
 }
 
 

@@ -35,7 +35,15 @@ from peftbench import metrics as M
 from peftbench.checkpoint import Progress, Resume, set_rng_states
 from peftbench.cost import add_training, static_cost
 from peftbench.data import Batcher, LengthGroupedBatches, encode, feature_length
-from peftbench.env import determinism, device_info, git_sha, peak_memory_mib, reset_peak_memory, versions
+from peftbench.env import (
+    determinism,
+    device_info,
+    git_sha,
+    peak_flops,
+    peak_memory_mib,
+    reset_peak_memory,
+    versions,
+)
 from peftbench.errors import UserError, choice_error, disk_full_is_user_error
 from peftbench.faults import kill_point
 from peftbench.generation import GenerationBatcher, decode_all, encode_eval, encode_train
@@ -46,6 +54,7 @@ from peftbench.prompting import (
     SEQUENCE_METHODS,
     RankBatcher,
     anchored,
+    base_model,
     content_free_prior,
     demonstration_text,
     demonstrations,
@@ -273,7 +282,11 @@ def prepare(cfg: DictConfig, record: dict[str, Any], artifacts: Path | None = No
     lm = uses_lm(cfg)
     fam = family(cfg.model, lm)
     model, tokenizer = load_model(cfg.model, task.kind, max(1, len(task.label_names)), lm=lm)
+    if cfg.train.gradient_checkpointing:  # keep only the blocks' inputs; recompute the rest in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_method(model, cfg.method, fam)
+    if cfg.train.compile:
+        compile_blocks(model, fam, cfg.train.compile)
     counts = count(model, fam.head)
     counts["trainable_percent"] = 100.0 * counts["trainable_without_head"] / counts["total_without_head"]
     record["params"] = counts
@@ -295,6 +308,8 @@ def prepare(cfg: DictConfig, record: dict[str, Any], artifacts: Path | None = No
             task.train = []
             record["demonstrations"] = [d["idx"] for d in demos]
         share = bool(cfg.train.share_context) and cfg.method.name not in SEQUENCE_METHODS
+        # a decoder under gradient checkpointing returns no key/value cache while training
+        share = share and not (cfg.train.gradient_checkpointing and fam.kind == "decoder")
         batcher = RankBatcher(tokenizer, fam.kind, cfg.train, share_context=share)
         slots = anchored(cfg)  # P-tuning's [P] slots in the template
         train = encode_prompted(task.train, cfg.task, tokenizer, fam.kind, anchored=slots)
@@ -341,6 +356,16 @@ def prepare(cfg: DictConfig, record: dict[str, Any], artifacts: Path | None = No
             train_ids=[r["idx"] for r in task.train],
         )
     return Setup(model, task, train_loader, eval_loader, batcher, generator, demos, test_loader, artifacts)
+
+
+def compile_blocks(model: torch.nn.Module, fam, backend: str) -> None:
+    """torch.compile each transformer block in place ("regional compilation"): the blocks are where the
+    FLOPs are, they compile once and are reused, and the code around them (heads, hooks that pick the scored
+    positions, key/value caches) stays eager Python."""
+    base = base_model(model)
+    for path in fam.blocks:
+        for block in base.get_submodule(path):
+            block.compile(backend=backend)
 
 
 def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path, record_path: Path) -> None:
@@ -543,7 +568,7 @@ def finish_record(
     t = cfg.train
     losses, train_time = p.losses, p.train_s
     record["evals"], record["best"] = p.evals, p.best
-    add_training(record["cost"], p.samples)
+    add_training(record["cost"], p.samples, record["params"]["trainable"])
     record["train"] = {
         "steps": p.step,
         "epochs": round(p.step / steps_per_epoch, 3),
@@ -558,6 +583,14 @@ def finish_record(
         "loss_last": float(np.mean(losses[-max(1, min(len(losses), t.log_every)) :])) if losses else None,
         "loss_curve": losses[:: max(1, len(losses) // 200)],
     }
+    # model FLOPs utilisation: the method's training FLOPs per second of training over the devices' peak
+    flops = record["cost"]["training_flops_by_pass"]["total"]
+    peak, peak_what = peak_flops(acc.device, t.mixed_precision)
+    record["train"]["flops_per_s"] = round(flops / train_time, 1) if train_time > 0 else None
+    record["train"]["mfu"] = (
+        round(flops / train_time / (peak * acc.num_processes), 5) if peak and train_time > 0 else None
+    )
+    record["train"]["mfu_peak"] = peak_what
     record["memory"] = {
         "peak_mib": peak_memory_mib(acc.device),
         "kind": "cuda_max_allocated" if acc.device.type == "cuda" else "cpu_max_rss",

@@ -69,6 +69,10 @@ def validate(cfg: DictConfig) -> None:
     _positive(t.lock_stale_s, "train.lock_stale_s", (int, float))
     if t.mixed_precision not in ("no", "bf16", "fp16"):
         raise choice_error("train.mixed_precision", t.mixed_precision, ["no", "bf16", "fp16"])
+    if t.get("compile"):
+        if t.compile not in torch._dynamo.list_backends(exclude_tags=()):
+            shown = {"null", "eager", "aot_eager", *torch._dynamo.list_backends()}  # not the test-only ones
+            raise choice_error("train.compile", t.compile, shown)
     if t.device not in ("auto", "cpu", "cuda"):
         raise choice_error("train.device", t.device, ["auto", "cpu", "cuda"])
     if t.device == "cuda" and not torch.cuda.is_available():

@@ -178,3 +178,52 @@ def test_model_from_a_local_checkpoint_folder(compose, tmp_path):
     )
     again, _ = load_model(cfg.model, "classification", 2)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_gradient_checkpointing_and_compiled_blocks_train_the_same(compose):
+    """Recomputed activations and torch.compile'd blocks change memory and speed, not the numbers: the loss
+    curve and the metric equal the eager run's (same run id: they are not part of it)."""
+    require_data()
+    args = ["task=rte", "model=tiny-gpt2", "method=lora", *QUICK, "train.max_steps=4", "train.force=true"]
+    eager = execute(compose(*args))
+    recomputed = execute(compose(*args, "train.gradient_checkpointing=true"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = execute(compose(*args, "train.compile=eager"))  # dynamo's graphs, run without a code generator
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the 2 blocks really were compiled
+    torch._dynamo.reset()
+    assert eager["run_id"] == recomputed["run_id"] == compiled["run_id"]
+    for other in (recomputed, compiled):
+        assert other["train"]["loss_curve"] == pytest.approx(eager["train"]["loss_curve"], abs=1e-5)
+        assert other["best"]["metrics"] == eager["best"]["metrics"]
+    assert recomputed["config"]["train"]["gradient_checkpointing"] is True
+
+
+def test_training_flops_per_pass_and_mfu(monkeypatch):
+    """Forward 2N per token; backward 2N (activations) + 2N_trainable (weights): full fine-tuning is T-Few's
+    6N, a frozen base ~4N. MFU divides by the card's dense bf16 peak, where the card is in the table."""
+    from peftbench import env
+    from peftbench.cost import add_training
+
+    full = {"params": 1000, "train_tokens_per_example": 10.0}
+    add_training(full, 5, trainable=1000)
+    assert full["training_flops_by_pass"]["total"] == full["training_flops"] == 6 * 1000 * 10 * 5
+    lora = {"params": 1000, "train_tokens_per_example": 10.0}
+    add_training(lora, 5, trainable=10)
+    assert lora["training_flops_by_pass"]["forward"] == 2 * 1000 * 50
+    assert lora["training_flops_by_pass"]["backward"] == (2 * 1000 + 2 * 10) * 50
+    assert lora["training_flops"] == full["training_flops"]  # T-Few's convention counts every method alike
+
+    cuda = torch.device("cuda", 0)
+    for name, peak in [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+    ]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None, n=name: n)
+        assert env.peak_flops(cuda, "bf16")[0] == peak
+    assert env.peak_flops(cuda, "no") == (None, "peaks are tabulated for bf16 / fp16 (train.mixed_precision)")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
+    assert env.peak_flops(cuda, "fp16")[0] is None
+    assert env.peak_flops(torch.device("cpu"), "bf16")[0] is None

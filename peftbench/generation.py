@@ -64,6 +64,7 @@ class GenerationBatcher:
         self.smoothing = float(task_cfg.get("label_smoothing") or 0.0)
         self.decode_cfg = task_cfg.decode
         self.pad = tokenizer.pad_token_id
+        self.synced = False  # FSDP: every process keeps stepping until all are done
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if "labels" not in features[0]:  # evaluation: prompts only, left-padded for GPT-2
@@ -93,6 +94,7 @@ class GenerationBatcher:
             "pad_token_id": self.pad,
             "eos_token_id": self.tokenizer.eos_token_id,
             "use_cache": True,
+            "synced_gpus": self.synced,
         }
         if d.strategy == "beam":
             kwargs.update(

@@ -31,6 +31,7 @@ NON_SEMANTIC_TRAIN_KEYS = {
     "share_context",  # the same scores computed with one context pass for all choices (tested equal)
     "gradient_checkpointing",  # the same activations, recomputed (tested equal)
     "compile",  # the same computation, fused: equal up to float rounding (tested)
+    "fsdp",  # the same updates, sharded over the processes: equal up to float rounding (tested)
 }
 
 

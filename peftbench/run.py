@@ -50,6 +50,16 @@ from peftbench.generation import GenerationBatcher, decode_all, encode_eval, enc
 from peftbench.lock import RunLock, describe, try_lock
 from peftbench.methods import apply_method, finish, save_trainable, stored_count
 from peftbench.models import count, family, load_model, uses_lm
+from peftbench.parallel import (
+    full_model_state,
+    load_optimizer_state,
+    load_state,
+    optimizer_state,
+    reshard,
+    shard,
+    sharded,
+    trainable_state,
+)
 from peftbench.prompting import (
     SEQUENCE_METHODS,
     RankBatcher,
@@ -271,6 +281,7 @@ class Setup:
     n_evals: int = 0
     gather: Any = None  # the processes' shares of an evaluation batch, in order (accelerate)
     main: bool = True  # the process that writes (the only one without data parallelism)
+    blocks: tuple[str, ...] = ()  # the model's transformer blocks (torch.compile and FSDP units)
 
 
 def prepare(cfg: DictConfig, record: dict[str, Any], artifacts: Path | None = None) -> Setup:
@@ -355,7 +366,9 @@ def prepare(cfg: DictConfig, record: dict[str, Any], artifacts: Path | None = No
             shot_seed=shot_seed(cfg.task, int(cfg.seed)),
             train_ids=[r["idx"] for r in task.train],
         )
-    return Setup(model, task, train_loader, eval_loader, batcher, generator, demos, test_loader, artifacts)
+    setup = Setup(model, task, train_loader, eval_loader, batcher, generator, demos, test_loader, artifacts)
+    setup.blocks = fam.blocks
+    return setup
 
 
 def compile_blocks(model: torch.nn.Module, fam, backend: str) -> None:
@@ -383,6 +396,14 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
     record["device"] = device_info(acc.device)
     record["device"].update(processes=acc.num_processes, distributed=str(acc.distributed_type.value))
     record["determinism"] = determinism(acc.device)
+    if t.fsdp:  # sharded over the processes (parallel.py); accelerate then prepares all but the model
+        if acc.num_processes < 2:
+            raise UserError(
+                "train.fsdp=true shards the model over the processes of torchrun / accelerate "
+                "launch; this run has 1 (launch it with --nproc_per_node N, N >= 2)"
+            )
+        shard(s.model, s.blocks, acc.device, t.mixed_precision)
+        s.batcher.synced = True  # generate: every process steps until all are done (FSDP gathers per step)
     params = [p for p in s.model.parameters() if p.requires_grad]
     if not params or t.max_steps == 0:  # nothing trains (ICL), or a baseline of the model as loaded
         return evaluate_only(cfg, record, s, acc)
@@ -391,9 +412,13 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
     steps_per_epoch = math.ceil(n_batches / t.grad_accum)
     total_steps = int(t.max_steps) if t.max_steps else steps_per_epoch * int(t.epochs)
     sched = get_linear_schedule_with_warmup(opt, int(t.warmup_ratio * total_steps), total_steps)
-    model, opt, train_loader, eval_loader, sched = acc.prepare(
-        s.model, opt, s.train_loader, s.eval_loader, sched
-    )
+    if t.fsdp:
+        model = s.model
+        opt, train_loader, eval_loader, sched = acc.prepare(opt, s.train_loader, s.eval_loader, sched)
+    else:
+        model, opt, train_loader, eval_loader, sched = acc.prepare(
+            s.model, opt, s.train_loader, s.eval_loader, sched
+        )
     eval_every = steps_per_epoch if t.eval_every == "epoch" else int(t.eval_every)
     ckpt = Checkpointer(artifacts / "checkpoint", t.checkpoint_every, n_batches, acc, opt, sched, s.generator)
     ckpt.meta = {"run_id": record["run_id"], "n_batches": n_batches, "total_steps": total_steps}
@@ -462,27 +487,33 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
     finish_record(cfg, record, acc, p, steps_per_epoch)
     record["checkpoint"].update(saved=ckpt.saved, bytes=ckpt.bytes)  # bytes: the last checkpoint's size
     model = acc.unwrap_model(model)
-    model.load_state_dict(best_state, strict=False)
-    if t.save_adapter and s.main:
-        record["adapter"] = save_adapter(model, artifacts / "adapter")
+    load_state(model, best_state)
+    if t.save_adapter:
+        full = trainable_state(model) if sharded(model) else None  # every process takes part
+        if s.main:
+            record["adapter"] = save_adapter(model, artifacts / "adapter", full)
     if cfg.method.get("merge"):
         model = finish(model)
         record["final"] = evaluate(model, eval_loader, s, cfg)
         record["final"]["merged"] = True
     if s.test_loader is not None:  # with the weights the record reports (best, merged)
         record["test_predictions"] = predict_test(model, acc.prepare(s.test_loader), s)
-    if t.export_model and s.main:
-        record["export"] = export_model(model, Path(t.export_model), record)
+    if t.export_model:
+        full = full_model_state(model)  # every process takes part
+        if s.main:
+            record["export"] = export_model(model, Path(t.export_model), record, full)
 
 
-def export_model(model: torch.nn.Module, folder: Path, record: dict[str, Any]) -> dict[str, Any]:
+def export_model(
+    model: torch.nn.Module, folder: Path, record: dict[str, Any], state: dict[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
     """The trained model as a transformers checkpoint (LoRA / IA3 merged into the weights), loadable as
     `model.path=FOLDER`: e.g. a base that later PEFT runs adapt. export.json says which run made it."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state)
         made_by = {k: record[k] for k in ("run_id", "method", "model", "task", "seed", "best")}
         (tmp / "export.json").write_text(json.dumps(made_by, indent=2) + "\n")
 
@@ -597,11 +628,12 @@ def finish_record(
     }
 
 
-def save_adapter(model: torch.nn.Module, folder: Path) -> dict[str, Any]:
-    """The trained parameters (peft format for peft methods), swapped in atomically like a checkpoint."""
+def save_adapter(model: torch.nn.Module, folder: Path, state: dict | None = None) -> dict[str, Any]:
+    """The trained parameters (peft format for peft methods), swapped in atomically like a checkpoint;
+    `state`: them as full tensors (FSDP)."""
     fmt = write_folder(
         folder,
-        lambda tmp: save_trainable(model, tmp),
+        lambda tmp: save_trainable(model, tmp, state),
         f"the adapter {folder}",
         "the last checkpoint is kept and the rerun resumes from it",
     )
@@ -628,19 +660,18 @@ class Checkpointer:
         at_end = p.batch == self.n_batches  # store "next epoch, batch 0": nothing to replay on resume
         saved = replace(p, epoch=p.epoch + 1, batch=0) if at_end else p
         state = {
-            "optimizer": self.opt.state_dict(),
+            "optimizer": optimizer_state(model, self.opt),  # every process takes part (FSDP gathers)
             "scheduler": self.sched.state_dict(),
             "data": self.generator.get_state() if at_end else epoch_start,
         }
         if self.acc.scaler is not None:
             state["scaler"] = self.acc.scaler.state_dict()
+        trained = trainable_state(model)
         if not self.acc.is_main_process:
             return
         keeps = "the previous checkpoint is kept and the rerun resumes from it"
         with disk_full_is_user_error(f"the checkpoint of step {p.step} to {self.folder}", keeps):
-            self.bytes = checkpoint.save(
-                self.folder, saved, trainable_state(model), best_state, state, self.meta
-            )
+            self.bytes = checkpoint.save(self.folder, saved, trained, best_state, state, self.meta)
         self.saved += 1
 
     def load(self, model: torch.nn.Module) -> Resume | None:
@@ -648,7 +679,7 @@ class Checkpointer:
         if resume is None:
             return None
         load_trainable(model, resume.trainable, resume.path)
-        self.opt.load_state_dict(resume.state["optimizer"])
+        load_optimizer_state(model, self.opt, resume.state["optimizer"])
         self.sched.load_state_dict(resume.state["scheduler"])
         if self.acc.scaler is not None and "scaler" in resume.state:
             self.acc.scaler.load_state_dict(resume.state["scaler"])
@@ -663,11 +694,7 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], where
             f"checkpoint {where} holds other trainable parameters than this run's model; delete it (or rerun "
             "with train.force=true) to start over"
         )
-    model.load_state_dict(state, strict=False)
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    load_state(model, state)
 
 
 def gathered(s: Setup, data):
@@ -682,6 +709,7 @@ def predict_test(model: torch.nn.Module, loader: DataLoader, s: Setup) -> dict[s
     preds = []
     for batch in loader:
         preds += s.batcher.predict(gathered(s, s.batcher.logits(model, batch))).tolist()
+    reshard(model)
     if not s.main:
         return {}
     buf = io.StringIO()
@@ -694,8 +722,14 @@ def predict_test(model: torch.nn.Module, loader: DataLoader, s: Setup) -> dict[s
     return {"path": str(path), "rows": len(preds), "of": len(s.task.test)}
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, s: Setup, cfg: DictConfig) -> dict[str, Any]:
+    result = evaluate_once(model, loader, s, cfg)
+    reshard(model)
+    return result
+
+
+@torch.no_grad()
+def evaluate_once(model: torch.nn.Module, loader: DataLoader, s: Setup, cfg: DictConfig) -> dict[str, Any]:
     s.n_evals += 1
     if isinstance(s.batcher, GenerationBatcher):
         return evaluate_generation(model, loader, s, cfg)

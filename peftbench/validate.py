@@ -73,6 +73,21 @@ def validate(cfg: DictConfig) -> None:
         if t.compile not in torch._dynamo.list_backends(exclude_tags=()):
             shown = {"null", "eager", "aot_eager", *torch._dynamo.list_backends()}  # not the test-only ones
             raise choice_error("train.compile", t.compile, shown)
+    if t.get("fsdp"):
+        from peftbench.parallel import FSDP_METHODS
+
+        if cfg.method.name not in FSDP_METHODS:
+            raise UserError(
+                f"train.fsdp=true with method={cfg.method.name}: FSDP here shards full fine-tuning; "
+                f"use it with: {', '.join(FSDP_METHODS)}"
+            )
+        if uses_lm(cfg) and cfg.task.kind != "generation":
+            raise UserError(
+                "train.fsdp=true with task.format=prompt: rank classification projects the "
+                "scored positions outside the model's forward; use task.format=head"
+            )
+        if t.mixed_precision == "fp16":
+            raise UserError("train.fsdp=true with train.mixed_precision=fp16: use bf16 (or no)")
     if t.device not in ("auto", "cpu", "cuda"):
         raise choice_error("train.device", t.device, ["auto", "cpu", "cuda"])
     if t.device == "cuda" and not torch.cuda.is_available():

@@ -79,11 +79,11 @@ def unwrap_trained_heads(model: torch.nn.Module) -> None:
         setattr(model.get_submodule(parent) if parent else model, child, trained)
 
 
-def save_trainable(model: torch.nn.Module, folder: Path) -> str:
+def save_trainable(model: torch.nn.Module, folder: Path, state: dict | None = None) -> str:
     """Adapters of peft methods in peft's format (PeftModel.from_pretrained loads them); every other trained
     tensor as safetensors (trainable.safetensors, parameter name -> tensor). When a model mixes both (GPT-2's
     fused q|k|v modules next to peft's), the safetensors file holds every trained tensor, so load_trainable
-    alone rebuilds the model."""
+    alone rebuilds the model. `state`: the trained tensors, if not the model's own (FSDP gathers them)."""
     folder.mkdir(parents=True, exist_ok=True)
     formats = []
     saved_by_peft: set[str] = set()
@@ -96,7 +96,9 @@ def save_trainable(model: torch.nn.Module, folder: Path) -> str:
             if ("lora_" in n or "ia3_l" in n) and ".base_layer." not in n
         }
         saved_by_peft |= {n for n, _ in model.named_parameters() if "modules_to_save" in n}
-    trained = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    if state is None:
+        state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    trained = {n: t.detach().contiguous().cpu() for n, t in state.items()}
     tensors = {n: t for n, t in trained.items() if n not in saved_by_peft}
     if tensors and saved_by_peft:
         tensors = trained

@@ -444,10 +444,13 @@ def make_table(
     from peftbench.record import load_records
     from peftbench.report import records_table, render
 
-    records = load_records(root / name)
-    if experiment.is_preset(name):
+    if experiment.is_preset(name):  # the layout is the preset's: cells without runs say "missing"
+        records = load_records(root / name) if (root / name).is_dir() else []
         preset = experiment.load_preset(name)
-        return render(experiment.table(preset, records, stat, paper, with_efficiency), fmt)
+        text = render(experiment.table(preset, records, stat, paper, with_efficiency), fmt)
+        notes = experiment.threshold_dimension(preset, records, stat or preset.protocol.stat)
+        return text + "".join(f"\n\n{line}" if fmt == "md" else f"\n# {line}" for line in notes)
+    records = load_records(root / name)
     if not records:
         raise UserError(f"no records in {root / name}; run `peftbench train name={name} ...` first")
     return render(records_table(records, stat or "mean", with_efficiency), fmt)
@@ -487,12 +490,21 @@ def cmd_plot(args: list[str]) -> int:
     if not preset.get("plots"):
         raise UserError(f"experiment {a.name} declares no plots")
     records = load_records(root / a.name)
+    stat = a.stat or preset.protocol.stat
     for spec in preset.plots:
-        series = experiment.plot_series(preset, spec, records, a.stat or preset.protocol.stat)
+        series = experiment.plot_series(preset, spec, records, stat)
         if not series:
             raise UserError(f"plot {spec.file}: no finished runs of rows {list(spec.rows)} on {spec.task}")
         path = root / a.name / spec.file
-        draw(series, spec, path)
+        lines = {}  # horizontal reference lines: a row's value (full fine-tuning) and a fraction of it
+        if spec.get("reference"):
+            ref, _ = experiment.cell_values(records, spec.reference, spec.task, spec.metric)
+            if ref:
+                value = experiment._stat(ref, stat)
+                lines[spec.reference] = value
+                if spec.get("fraction"):
+                    lines[f"{spec.fraction:.0%} of {spec.reference}"] = spec.fraction * value
+        draw(series, spec, path, lines)
         print(f"wrote {path}")
     return 0
 

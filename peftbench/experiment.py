@@ -262,3 +262,33 @@ def plot_series(
         )
         for label, pts in series.items()
     }
+
+
+def threshold_dimension(preset: DictConfig, records: list[dict], stat: str) -> list[str]:
+    """Aghajanyan et al.'s d90 for each task of a `threshold:` section: the smallest swept value (`x`, e.g.
+    method.d) whose metric reaches `fraction` of the reference row's (full fine-tuning), as one line each."""
+    spec = preset.get("threshold")
+    if not spec:
+        return []
+    lines = []
+    for task in preset.tasks:
+        ref, _ = cell_values(records, spec.reference, task, spec.metric)
+        name = f"d{round(100 * spec.fraction)} ({task} {spec.metric})"
+        if not ref:
+            lines.append(f"{name}: needs the '{spec.reference}' run")
+            continue
+        goal = spec.fraction * _stat(ref, stat)
+        points = plot_series(preset, OmegaConf.create({**spec, "task": task}), records, stat)
+        swept = sorted(pt[:2] for pts in points.values() for pt in pts)
+        if not swept:
+            lines.append(f"{name}: no finished run of the swept rows")
+            continue
+        reached = [(x, y) for x, y in swept if y >= goal]
+        best_x, best_y = max(swept, key=lambda xy: xy[1])
+        lines.append(
+            f"{name}: {reached[0][0]} ({_num(reached[0][1])} >= {spec.fraction} x {_num(_stat(ref, stat))})"
+            if reached
+            else f"{name}: not reached up to {swept[-1][0]} (best {_num(best_y)} at {best_x} < "
+            f"{spec.fraction} x {_num(_stat(ref, stat))} = {_num(goal)})"
+        )
+    return lines

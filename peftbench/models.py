@@ -273,7 +273,9 @@ def count(model: torch.nn.Module, head: tuple[str, ...] = ()) -> dict[str, int]:
     """Total and trainable parameters, with and without the task head (the papers count without it)."""
     head_names = set(head)  # single path components: "classifier", "score", "classification_head"
     total = trainable = head_total = head_trainable = 0
-    for name, p in model.named_parameters():
+    # weights a method turned into frozen buffers (intrinsic-dimension's θ₀) still count in the total
+    frozen = [(n, b) for n, b in model.named_buffers() if n.endswith("_theta0")]
+    for name, p in [*model.named_parameters(), *frozen]:
         n = p.numel()
         in_head = not head_names.isdisjoint(name.split("."))
         total += n

@@ -10,7 +10,9 @@ from omegaconf import DictConfig
 from peftbench.record import write_atomic
 
 
-def draw(series: dict[str, list[tuple]], spec: DictConfig, path: Path) -> None:
+def draw(
+    series: dict[str, list[tuple]], spec: DictConfig, path: Path, lines: dict[str, float] | None = None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,15 +22,17 @@ def draw(series: dict[str, list[tuple]], spec: DictConfig, path: Path) -> None:
     for label, points in sorted(series.items()):
         xs, ys, errs, _ = zip(*points)
         ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
+    for (label, y), style in zip((lines or {}).items(), ("--", ":")):
+        ax.axhline(y, linestyle=style, color="grey", label=label)
     if spec.get("xlog"):
-        ax.set_xscale("log", base=2)
+        ax.set_xscale("log", base=spec.get("xlog_base", 2))
         ax.set_xticks(sorted({x for pts in series.values() for x, *_ in pts}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel(spec.get("xlabel", spec.x))
     ax.set_ylabel(spec.get("ylabel", f"{spec.task} {spec.metric}"))
     ax.set_title(spec.get("title", ""), fontsize=10)
     ax.grid(alpha=0.3)
-    if len(series) > 1 or spec.get("series"):
+    if len(series) > 1 or spec.get("series") or lines:
         ax.legend(fontsize=8, title=spec.get("series_title"))
     fig.tight_layout()
     buf = io.BytesIO()

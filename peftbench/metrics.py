@@ -88,7 +88,18 @@ METRICS: dict[str, Metric] = {
     "em": Metric(exact_match_groups),
     **{
         n: Metric(generation(n))
-        for n in ("bleu", "nist", "meteor", "rouge_l", "cider", "bertscore", "bleurt", "moverscore")
+        for n in (
+            "bleu",
+            "nist",
+            "meteor",
+            "rouge_1",
+            "rouge_2",
+            "rouge_l",
+            "cider",
+            "bertscore",
+            "bleurt",
+            "moverscore",
+        )
     },
     "ter": Metric(generation("ter"), higher_is_better=False),
 }

@@ -45,6 +45,7 @@ SUITES: dict[str, tuple[str, ...]] = {
     "e2e": ("bleu", "nist", "meteor", "rouge_l", "cider"),
     "webnlg": ("bleu", "meteor", "ter"),
     "dart": ("bleu", "meteor", "ter", "bertscore", "bleurt", "moverscore"),
+    "rouge": ("rouge_1", "rouge_2", "rouge_l"),  # summarisation (XSum)
 }
 
 
@@ -252,6 +253,9 @@ def score(suite: str, hyps: Sequence[str], refs: Refs, meteor: Meteor | None = N
         raise UserError(f"{len(hyps)} outputs but {len(refs)} reference sets: expected one output per input")
     hyps, refs = list(hyps), [list(rs) for rs in refs]
     out = Scores({name: None for name in SUITES[suite]})
+    if suite == "rouge":  # no Java scorer
+        out.values.update(rouge(hyps, refs))
+        return out
     no_java = java_missing()
     own = meteor is None and no_java is None
     if own:
@@ -270,6 +274,21 @@ def score(suite: str, hyps: Sequence[str], refs: Refs, meteor: Meteor | None = N
     if suite == "dart":
         _model_based(hyps, refs, out)
     return out
+
+
+def rouge(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
+    """ROUGE-1 / 2 / L F1 x 100 with Porter stemming (Google's rouge-score, as the BART and Prefix-Tuning
+    summarisation evaluations call it), averaged over the documents; several references: the best one."""
+    from rouge_score import rouge_scorer
+
+    keys = {"rouge_1": "rouge1", "rouge_2": "rouge2", "rouge_l": "rougeL"}
+    scorer = rouge_scorer.RougeScorer(list(keys.values()), use_stemmer=True)
+    totals = dict.fromkeys(keys, 0.0)
+    for hyp, rs in zip(hyps, refs):
+        per_ref = [scorer.score(r, hyp) for r in rs]
+        for ours, theirs in keys.items():
+            totals[ours] += max(s[theirs].fmeasure for s in per_ref)
+    return {k: 100.0 * v / max(len(hyps), 1) for k, v in totals.items()}
 
 
 def _score_e2e(hyps: list[str], refs: list[list[str]], meteor: Meteor | None, out: Scores) -> None:

@@ -39,7 +39,13 @@ TASK_ORDER = (
 )
 METRIC_SHORT = {"accuracy": "acc", "macro_f1": "mF1", "pearson": "P", "spearman": "S", "mcc": "MCC"}
 _NLG = {"bleu": "BLEU", "nist": "NIST", "meteor": "MET", "rouge_l": "R-L", "cider": "CIDEr", "ter": "TER"}
-_NLG |= {"moverscore": "MoverScore", "bertscore": "BERTScore", "bleurt": "BLEURT"}
+_NLG |= {
+    "moverscore": "MoverScore",
+    "bertscore": "BERTScore",
+    "bleurt": "BLEURT",
+    "rouge_1": "R-1",
+    "rouge_2": "R-2",
+}
 METRIC_SHORT |= _NLG | {
     f"{k}_{c}": f"{v}-{c[0].upper()}" for k, v in _NLG.items() for c in ("seen", "unseen")
 }

@@ -31,7 +31,7 @@ def run_cli(*args, env=None, cwd=None):
         (
             ["method=lorra"],
             "unknown method 'lorra' (did you mean 'lora'?); choose from: adapter_houlsby, adapter_pfeiffer, bitfit, "
-            "ft_top2, full, ia3, icl, lora, p_tuning, prefix_tuning, prompt_tuning",
+            "ft_top2, full, ia3, icl, intrinsic, lora, p_tuning, prefix_tuning, prompt_tuning",
         ),
         (["model=roberta-bas"], "unknown model 'roberta-bas' (did you mean 'roberta-base'"),
         (["task=sst3"], "unknown task 'sst3' (did you mean 'sst2'"),
@@ -164,7 +164,8 @@ def test_list_pairs_gives_each_method_x_family_and_the_reason_when_it_does_not_a
     assert main(["list", "pairs"]) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
     methods = (
-        11  # full ft_top2 bitfit lora adapter_houlsby adapter_pfeiffer ia3 prompt_tuning p_tuning prefix icl
+        12  # full ft_top2 bitfit lora adapter_houlsby adapter_pfeiffer ia3 prompt_tuning p_tuning prefix icl
+        # intrinsic
     )
     assert len(lines) == methods * 6 * 2  # x 6 families x (classification head, LM head)
     na = {tuple(line.split()[:3]): line for line in lines if "n/a:" in line}

@@ -80,9 +80,10 @@ def _read_hub(cfg: DictConfig, split: str, missing: str) -> list[dict]:
     rows, reason = hub_rows(hub, hub_split)
     if rows is not None:
         return HUB_READERS[cfg.local.format](rows)
+    download = f"; {cfg.local.download}" if cfg.local.get("download") else ""
     raise UserError(
         f"task {cfg.name}: {missing}; the alternative is the hub dataset {hub.path} ({hub_split}), which "
-        f"could not be loaded ({reason})"
+        f"could not be loaded ({reason}){download}"
     )
 
 
@@ -183,5 +184,30 @@ def hub_dart(rows: list[dict]) -> list[dict]:
     return out
 
 
-READERS = {"e2e_csv": read_e2e, "webnlg_xml": read_webnlg, "dart": read_dart}
-HUB_READERS = {"e2e_csv": hub_e2e, "webnlg_xml": hub_webnlg, "dart": hub_dart}
+# --- XSum -------------------------------------------------------------------------------------------------
+
+
+def read_source_target(path: Path, split: str) -> list[dict]:
+    """`<split>.source` / `<split>.target`: one document / summary per line, as the BART and Prefix-Tuning
+    summarisation code reads XSum (its newlines inside documents escaped); `path` is the .source file."""
+    target = path.with_suffix(".target")
+    if not target.exists():
+        raise UserError(f"{path} has no {target.name} beside it: summaries go there, one per line")
+    sources = path.read_text(encoding="utf-8").splitlines()
+    targets = target.read_text(encoding="utf-8").splitlines()
+    if len(sources) != len(targets):
+        raise UserError(f"{path}: {len(sources)} documents but {target.name} has {len(targets)} summaries")
+    return [{"source": " ".join(d.split()), "references": [t.strip()]} for d, t in zip(sources, targets)]
+
+
+def hub_xsum(rows: list[dict]) -> list[dict]:
+    return [{"source": " ".join(r["document"].split()), "references": [r["summary"].strip()]} for r in rows]
+
+
+READERS = {
+    "e2e_csv": read_e2e,
+    "webnlg_xml": read_webnlg,
+    "dart": read_dart,
+    "source_target": read_source_target,
+}
+HUB_READERS = {"e2e_csv": hub_e2e, "webnlg_xml": hub_webnlg, "dart": hub_dart, "source_target": hub_xsum}

@@ -58,6 +58,8 @@ def format_params(n: int | None) -> str:
         return f"{n / 1e9:.2f}B"
     if n >= 1e6:
         return f"{n / 1e6:.1f}M"
+    if n < 1_000:  # a handful of numbers (intrinsic dimension d): exactly
+        return f"{n:,}"
     return f"{n / 1e6:.3f}M"
 
 

@@ -277,7 +277,8 @@ def threshold_dimension(preset: DictConfig, records: list[dict], stat: str) -> l
         if not ref:
             lines.append(f"{name}: needs the '{spec.reference}' run")
             continue
-        goal = spec.fraction * _stat(ref, stat)
+        full = _stat(ref, stat)
+        goal = spec.fraction * full
         points = plot_series(preset, OmegaConf.create({**spec, "task": task}), records, stat)
         swept = sorted(pt[:2] for pts in points.values() for pt in pts)
         if not swept:
@@ -286,9 +287,9 @@ def threshold_dimension(preset: DictConfig, records: list[dict], stat: str) -> l
         reached = [(x, y) for x, y in swept if y >= goal]
         best_x, best_y = max(swept, key=lambda xy: xy[1])
         lines.append(
-            f"{name}: {reached[0][0]} ({_num(reached[0][1])} >= {spec.fraction} x {_num(_stat(ref, stat))})"
+            f"{name}: {reached[0][0]} ({_num(reached[0][1])} >= {spec.fraction} x {_num(full)})"
             if reached
             else f"{name}: not reached up to {swept[-1][0]} (best {_num(best_y)} at {best_x} < "
-            f"{spec.fraction} x {_num(_stat(ref, stat))} = {_num(goal)})"
+            f"{spec.fraction} x {_num(full)} = {_num(goal)})"
         )
     return lines

@@ -269,12 +269,20 @@ def _gpt2_bpe_tokenizer(family_name: str):
     return cls(vocab=vocab, merges=merges)
 
 
+FROZEN_SUFFIX = "_theta0"  # a weight a method keeps as a frozen buffer (intrinsic dimension's θ₀)
+
+
+def transformer_blocks(model: torch.nn.Module, paths: tuple[str, ...]) -> list[torch.nn.Module]:
+    """Every block of the family's ModuleLists (`Family.blocks`), bottom to top."""
+    return [block for path in paths for block in model.get_submodule(path)]
+
+
 def count(model: torch.nn.Module, head: tuple[str, ...] = ()) -> dict[str, int]:
     """Total and trainable parameters, with and without the task head (the papers count without it)."""
     head_names = set(head)  # single path components: "classifier", "score", "classification_head"
     total = trainable = head_total = head_trainable = 0
     # weights a method turned into frozen buffers (intrinsic-dimension's θ₀) still count in the total
-    frozen = [(n, b) for n, b in model.named_buffers() if n.endswith("_theta0")]
+    frozen = [(n, b) for n, b in model.named_buffers() if n.endswith(FROZEN_SUFFIX)]
     for name, p in [*model.named_parameters(), *frozen]:
         n = p.numel()
         in_head = not head_names.isdisjoint(name.split("."))

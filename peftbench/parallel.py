@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from peftbench.models import transformer_blocks
 from peftbench.prompting import base_model
 
 FSDP_METHODS = ("full", "ft_top2", "bitfit")  # their trained tensors are the model's own weights
@@ -34,10 +35,8 @@ def shard(model: torch.nn.Module, blocks: tuple[str, ...], device: torch.device,
     dtype = torch.bfloat16 if mixed_precision == "bf16" else None
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
     model.to(device)
-    base = base_model(model)
-    for path in blocks:
-        for block in base.get_submodule(path):
-            fully_shard(block, mp_policy=policy)
+    for block in transformer_blocks(base_model(model), blocks):
+        fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
 

@@ -49,7 +49,7 @@ from peftbench.faults import kill_point
 from peftbench.generation import GenerationBatcher, decode_all, encode_eval, encode_train
 from peftbench.lock import RunLock, describe, try_lock
 from peftbench.methods import apply_method, finish, save_trainable, stored_count
-from peftbench.models import count, family, load_model, uses_lm
+from peftbench.models import count, family, load_model, transformer_blocks, uses_lm
 from peftbench.parallel import (
     full_model_state,
     load_optimizer_state,
@@ -225,7 +225,6 @@ def run_locked(cfg: DictConfig, rid: str, path: Path) -> dict[str, Any]:
             # already failing: the first error is the one to report
     if path is not None:
         checkpoint.clear(artifacts / "checkpoint")  # the record is final; the checkpoint has done its job
-    if path is not None:
         print(
             f"[peftbench] {rid}: best {record['main_metric']}={record['best']['metrics'][record['main_metric']]:.2f} -> {path}"
         )
@@ -366,19 +365,26 @@ def prepare(cfg: DictConfig, record: dict[str, Any], artifacts: Path | None = No
             shot_seed=shot_seed(cfg.task, int(cfg.seed)),
             train_ids=[r["idx"] for r in task.train],
         )
-    setup = Setup(model, task, train_loader, eval_loader, batcher, generator, demos, test_loader, artifacts)
-    setup.blocks = fam.blocks
-    return setup
+    return Setup(
+        model,
+        task,
+        train_loader,
+        eval_loader,
+        batcher,
+        generator,
+        demos,
+        test_loader,
+        artifacts,
+        blocks=fam.blocks,
+    )
 
 
 def compile_blocks(model: torch.nn.Module, fam, backend: str) -> None:
     """torch.compile each transformer block in place ("regional compilation"): the blocks are where the
     FLOPs are, they compile once and are reused, and the code around them (heads, hooks that pick the scored
     positions, key/value caches) stays eager Python."""
-    base = base_model(model)
-    for path in fam.blocks:
-        for block in base.get_submodule(path):
-            block.compile(backend=backend)
+    for block in transformer_blocks(base_model(model), fam.blocks):
+        block.compile(backend=backend)
 
 
 def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path, record_path: Path) -> None:
@@ -737,11 +743,10 @@ def evaluate_once(model: torch.nn.Module, loader: DataLoader, s: Setup, cfg: Dic
     preds, refs, total_loss, n = [], [], 0.0, 0
     for batch in loader:
         logits, labels = gathered(s, (s.batcher.logits(model, batch), batch["labels"]))
-        batch = {"labels": labels}
-        total_loss += float(s.batcher.loss_from_logits(logits, batch["labels"])) * len(batch["labels"])
-        n += len(batch["labels"])
+        total_loss += float(s.batcher.loss_from_logits(logits, labels)) * len(labels)
+        n += len(labels)
         preds += s.batcher.predict(logits).tolist()
-        refs += batch["labels"].tolist()
+        refs += labels.tolist()
     groups = [ex.get("group") for ex in loader.dataset] if cfg.task.get("group") else None
     values = M.compute(list(cfg.task.metrics), preds, refs, groups)
     return {"metrics": {k: round(v, 4) for k, v in values.items()}, "loss": round(total_loss / max(n, 1), 5)}

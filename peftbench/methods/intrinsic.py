@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from peftbench.errors import UserError
 from peftbench.methods import positive_int
-from peftbench.models import Family
+from peftbench.models import FROZEN_SUFFIX, Family
 
 DENSE_LIMIT = 2**26  # dense projections, all tensors together: at most this many entries (256 MiB in fp32)
 
@@ -179,14 +179,14 @@ def apply(model: torch.nn.Module, cfg: DictConfig, fam: Family) -> torch.nn.Modu
     for (_, p), where in zip(targets, slots):
         for module, attr in where:
             del module._parameters[attr]
-            module.register_buffer(f"{attr}_theta0", p.data, persistent=False)
+            module.register_buffer(attr + FROZEN_SUFFIX, p.data, persistent=False)
             setattr(module, attr, p.data)
     model.add_module("intrinsic", subspace)
 
     def write_weights(module, args, kwargs):
         for delta, where in zip(subspace.deltas(), slots):
             for owner, attr in where:
-                theta0 = getattr(owner, f"{attr}_theta0")
+                theta0 = getattr(owner, attr + FROZEN_SUFFIX)
                 setattr(owner, attr, theta0 + delta.view_as(theta0).to(theta0.dtype))
         return args, kwargs
 

@@ -557,9 +557,8 @@ def cmd_score(args: list[str]) -> int:
             raise UserError(f"missing {key}=...; {usage.splitlines()[0]}")
     from peftbench.nlg_metrics import score_by_category
     from peftbench.record import write_atomic
-    from peftbench.tasks.generation import load_split
 
-    generation = [t for t in group_options("task") if "_generation" in task_defaults(t)]
+    generation = [t for t in group_options("task") if {"_generation", "_qa"} & set(task_defaults(t))]
     if opts["task"] not in generation:
         if opts["task"] in group_options("task"):
             raise UserError(
@@ -572,6 +571,9 @@ def cmd_score(args: list[str]) -> int:
     if not path.is_file():
         raise UserError(f"predictions file {path} does not exist")
     hyps = path.read_text(encoding="utf-8").splitlines()
+    from hydra.utils import get_method
+
+    load_split = get_method(task._target_.rsplit(".", 1)[0] + ".load_split")  # generation.py, qa.py
     entries, source = load_split(task, split)
     if len(hyps) != len(entries):
         raise UserError(

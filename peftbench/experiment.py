@@ -150,6 +150,8 @@ def table(
     stat = stat or preset.protocol.stat
     if preset.get("layout") == "cost":
         return cost_table(preset, records, stat, paper)
+    if preset.get("layout") == "transfer":
+        return transfer_table(preset, records, stat, paper)
     columns = OmegaConf.to_container(preset.columns)  # task -> metric shown
     out = []
     for row in preset.rows:
@@ -235,6 +237,41 @@ def cost_table(preset: DictConfig, records: list[dict], stat: str, paper: bool =
         line[header] = f"{_stat(values, stat):.1f}{spread} (n={len(values)})" if values else "missing"
         if reported.get("accuracy") is not None:
             line[header] += f" [paper {reported['accuracy']}]"
+        out.append(line)
+    return out
+
+
+def transfer_table(preset: DictConfig, records: list[dict], stat: str, paper: bool = True) -> list[dict]:
+    """Lester et al.'s Table 2 layout: one line per evaluation set (the trained task's dev set, then the
+    transfer sets), the two compared rows' metric (± std over seeds) and their difference Δ = other - base,
+    each with the paper's number beside it."""
+    ((task, metrics),) = OmegaConf.to_container(preset.columns).items()
+    rows = {r.label: r for r in preset.rows}
+    base, other = rows[preset.compare.base], rows[preset.compare.other]
+    out = []
+    for metric in metrics:
+        dataset, domain = preset.datasets[metric]
+        line = {"dataset": dataset, "domain": domain}
+        means = {}
+        for row in (base, other):
+            values, states = cell_values(records, row.label, task, metric)
+            if values:
+                means[row.label] = _stat(values, stat)
+                spread = f" ± {_num(statistics.stdev(values), means[row.label])}" if len(values) > 1 else ""
+                text = f"{_num(means[row.label])}{spread} (n={len(values)})"
+            else:
+                text = ", ".join(sorted(states)) if states else "missing"
+            ref, ref_std = (row.get("paper") or {}).get(metric), (row.get("paper_std") or {}).get(metric)
+            if paper and ref is not None:
+                text += f" [paper {ref}" + (f" ± {ref_std}" if ref_std is not None else "") + "]"
+            line[row.label] = text
+        delta = (
+            _num(means[other.label] - means[base.label], means[base.label], sign=True)
+            if len(means) == 2
+            else "missing"
+        )
+        ref = (other.get("paper_delta") or {}).get(metric)
+        line["Δ"] = delta + (f" [paper {ref:+}]" if paper and ref is not None else "")
         out.append(line)
     return out
 

@@ -108,7 +108,12 @@ class GenerationBatcher:
             kwargs.update(num_beams=1, do_sample=False, no_repeat_ngram_size=int(d.no_repeat_ngram_size))
         else:  # sample
             kwargs.update(do_sample=True, top_p=float(d.top_p), temperature=float(d.temperature), num_beams=1)
-        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self.kind == "encoder-decoder" and hasattr(model, "prompt_encoder"):  # soft prompt (prompt.py)
+            from peftbench.methods.prompt import prompted_inputs
+
+            inputs = prompted_inputs(model, **inputs)
+        out = model.generate(**inputs, **kwargs)
         if self.kind == "decoder":  # drop the (left-padded) prompt: every row continues at the same position
             out = out[:, batch["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)

@@ -135,6 +135,7 @@ CATEGORIES = ("_seen", "_unseen")  # WebNLG's test categories: `bleu_seen` is BL
 def higher_is_better(name: str) -> bool:
     for suffix in CATEGORIES:
         name = name.removesuffix(suffix)
+    name = name.split("_")[0] if name.split("_")[0] in ("f1", "em") else name  # QA transfer: f1_bioasq
     return get_metric(name).higher_is_better
 
 
@@ -149,4 +150,6 @@ def produced(task_cfg) -> set[str]:
         names |= set(SUITES[scorer])
         if scorer == "webnlg" and task_cfg.get("eval_split") == "test":
             names |= {n + c for n in SUITES[scorer] for c in CATEGORIES}
+        for name in task_cfg.get("transfer") or []:  # QA: scored zero-shot on other sets after training
+            names |= {f"{n}_{name}" for n in SUITES[scorer]}
     return names

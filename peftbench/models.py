@@ -112,13 +112,16 @@ FAMILIES: dict[str, Family] = {
 FAMILIES = {k: replace(f, name=k) for k, f in FAMILIES.items()}
 
 
-def family(model_cfg: DictConfig, lm: bool = False) -> Family:
-    """The family of a model config; with `lm`, for the model with its pretrained LM head (no new head)."""
+def family(model_cfg: DictConfig, lm: bool = False, span: bool = False) -> Family:
+    """The family of a model config; with `lm`, for the model with its pretrained LM head (no new head);
+    with `span`, for the model with a span-extraction head (`qa_outputs`: start / end logits per token)."""
     if model_cfg.family not in FAMILIES:
         raise UserError(
             f"model.family={model_cfg.family!r} is not supported; choose from: {', '.join(FAMILIES)}"
         )
     fam = FAMILIES[model_cfg.family]
+    if span:
+        return replace(fam, head=("qa_outputs",))
     if not lm:
         return fam
     # T5ForConditionalGeneration holds its stacks at the top (the classifier wraps them in `transformer.`)
@@ -130,14 +133,22 @@ def family(model_cfg: DictConfig, lm: bool = False) -> Family:
 
 def uses_lm(cfg: DictConfig) -> bool:
     """The model keeps its own LM head: prompt format (answer choices scored by it) or generation."""
-    return cfg.task.get("format", "head") == "prompt" or cfg.task.kind == "generation"
+    return cfg.task.get("format", "head") == "prompt" or (
+        cfg.task.kind == "generation" and not span_head(cfg)
+    )
+
+
+def span_head(cfg: DictConfig) -> bool:
+    """An extractive QA task on an encoder-only model: a span-extraction head instead of generation."""
+    return bool(cfg.task.get("extractive")) and family(cfg.model).kind == "encoder"
 
 
 def meta_model(cfg: DictConfig) -> tuple[torch.nn.Module, Family]:
     """A run config's model on the meta device, with its family (head or LM head, as the task format says)."""
-    lm = uses_lm(cfg)
+    lm, span = uses_lm(cfg), span_head(cfg)
     n_labels = max(1, len(cfg.task.labels or []))
-    return build_meta(cfg.model, cfg.task.kind, n_labels, lm=lm), family(cfg.model, lm)
+    kind = "span" if span else cfg.task.kind
+    return build_meta(cfg.model, kind, n_labels, lm=lm), family(cfg.model, lm, span)
 
 
 LM_CLASSES = {
@@ -147,7 +158,9 @@ LM_CLASSES = {
 }
 
 
-def auto_class(model_cfg: DictConfig, lm: bool):
+def auto_class(model_cfg: DictConfig, lm: bool, task_kind: str = "classification"):
+    if task_kind == "span":
+        return transformers.AutoModelForQuestionAnswering
     if not lm:
         return transformers.AutoModelForSequenceClassification
     return LM_CLASSES[family(model_cfg).kind]
@@ -166,6 +179,8 @@ def head_kwargs(task_kind: str, num_labels: int) -> dict:
         return {"num_labels": 1, "problem_type": "regression"}
     if task_kind == "multiple_choice":
         return {"num_labels": 1}
+    if task_kind == "span":  # start and end logits
+        return {"num_labels": 2}
     return {"num_labels": num_labels}
 
 
@@ -175,7 +190,7 @@ def build_meta(
     """The architecture with no weights at all (meta device): exact parameter counts of any size."""
     config = hf_config(model_cfg, **({} if lm else head_kwargs(task_kind, num_labels)))
     with torch.device("meta"):
-        return auto_class(model_cfg, lm).from_config(config)
+        return auto_class(model_cfg, lm, task_kind).from_config(config)
 
 
 def load_model(model_cfg: DictConfig, task_kind: str, num_labels: int, lm: bool = False):
@@ -193,10 +208,10 @@ def load_model(model_cfg: DictConfig, task_kind: str, num_labels: int, lm: bool 
         torch.manual_seed(int(model_cfg.get("init_seed", 0)))
         config = hf_config(model_cfg, **extra)
         config.vocab_size = max(config.vocab_size, len(tokenizer))
-        model = auto_class(model_cfg, lm).from_config(config)
+        model = auto_class(model_cfg, lm, task_kind).from_config(config)
     else:
         try:
-            model = auto_class(model_cfg, lm).from_pretrained(source, **extra)
+            model = auto_class(model_cfg, lm, task_kind).from_pretrained(source, **extra)
         except OSError as e:
             raise _unreachable(model_cfg, source, e) from None
     return model, tokenizer

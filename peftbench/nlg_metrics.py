@@ -46,6 +46,7 @@ SUITES: dict[str, tuple[str, ...]] = {
     "webnlg": ("bleu", "meteor", "ter"),
     "dart": ("bleu", "meteor", "ter", "bertscore", "bleurt", "moverscore"),
     "rouge": ("rouge_1", "rouge_2", "rouge_l"),  # summarisation (XSum)
+    "squad": ("f1", "em"),  # extractive QA: SQuAD v1.1 / MRQA evaluation script
 }
 
 
@@ -253,8 +254,8 @@ def score(suite: str, hyps: Sequence[str], refs: Refs, meteor: Meteor | None = N
         raise UserError(f"{len(hyps)} outputs but {len(refs)} reference sets: expected one output per input")
     hyps, refs = list(hyps), [list(rs) for rs in refs]
     out = Scores({name: None for name in SUITES[suite]})
-    if suite == "rouge":  # no Java scorer
-        out.values.update(rouge(hyps, refs))
+    if suite in ("rouge", "squad"):  # no Java scorer
+        out.values.update(rouge(hyps, refs) if suite == "rouge" else squad(hyps, refs))
         return out
     no_java = java_missing()
     own = meteor is None and no_java is None
@@ -289,6 +290,34 @@ def rouge(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
         for ours, theirs in keys.items():
             totals[ours] += max(s[theirs].fmeasure for s in per_ref)
     return {k: 100.0 * v / max(len(hyps), 1) for k, v in totals.items()}
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD v1.1's `evaluate-v1.1.py` (and MRQA's `mrqa_official_eval.py`): lower case, drop punctuation,
+    the articles a / an / the, and extra white space."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+
+
+_PUNCT = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")  # string.punctuation
+
+
+def answer_f1(prediction: str, gold: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
+    """F1 and exact match x 100 as the SQuAD v1.1 / MRQA scripts: each question's best gold answer,
+    averaged over the questions."""
+    f1 = sum(max(answer_f1(h, g) for g in gs) for h, gs in zip(hyps, refs))
+    em = sum(max(float(normalize_answer(h) == normalize_answer(g)) for g in gs) for h, gs in zip(hyps, refs))
+    n = max(len(hyps), 1)
+    return {"f1": 100.0 * f1 / n, "em": 100.0 * em / n}
 
 
 def _score_e2e(hyps: list[str], refs: list[list[str]], meteor: Meteor | None, out: Scores) -> None:

@@ -49,7 +49,7 @@ from peftbench.faults import kill_point
 from peftbench.generation import GenerationBatcher, decode_all, encode_eval, encode_train
 from peftbench.lock import RunLock, describe, try_lock
 from peftbench.methods import apply_method, finish, save_trainable, stored_count
-from peftbench.models import count, family, load_model, transformer_blocks, uses_lm
+from peftbench.models import count, family, load_model, span_head, transformer_blocks, uses_lm
 from peftbench.parallel import (
     full_model_state,
     load_optimizer_state,
@@ -72,6 +72,7 @@ from peftbench.prompting import (
     inner,
 )
 from peftbench.record import check_writable, read_record, run_id, write_atomic, write_record
+from peftbench.span import SpanBatcher, best_answers, encode_spans, pad_tokens
 from peftbench.tasks import TaskData, load_task
 from peftbench.tasks.classification import shot_seed
 from peftbench.validate import OPTIMIZERS, validate
@@ -281,6 +282,7 @@ class Setup:
     gather: Any = None  # the processes' shares of an evaluation batch, in order (accelerate)
     main: bool = True  # the process that writes (the only one without data parallelism)
     blocks: tuple[str, ...] = ()  # the model's transformer blocks (torch.compile and FSDP units)
+    encode: Any = None  # rows -> evaluation features (the task's transfer sets go through it too)
 
 
 def prepare(cfg: DictConfig, record: dict[str, Any], artifacts: Path | None = None) -> Setup:
@@ -289,9 +291,10 @@ def prepare(cfg: DictConfig, record: dict[str, Any], artifacts: Path | None = No
     if cfg.train.num_threads:
         torch.set_num_threads(int(cfg.train.num_threads))
     task = load_task(cfg.task, seed=int(cfg.seed), max_train=cfg.train.max_train_samples)
-    lm = uses_lm(cfg)
-    fam = family(cfg.model, lm)
-    model, tokenizer = load_model(cfg.model, task.kind, max(1, len(task.label_names)), lm=lm)
+    lm, span = uses_lm(cfg), span_head(cfg)
+    fam = family(cfg.model, lm, span)
+    kind = "span" if span else task.kind
+    model, tokenizer = load_model(cfg.model, kind, max(1, len(task.label_names)), lm=lm)
     if cfg.train.gradient_checkpointing:  # keep only the blocks' inputs; recompute the rest in backward
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_method(model, cfg.method, fam)
@@ -302,7 +305,13 @@ def prepare(cfg: DictConfig, record: dict[str, Any], artifacts: Path | None = No
     record["params"] = counts
     validation = task.validation[: cfg.train.max_eval_samples or None]
     demos: list[dict] = []
-    if task.kind == "generation":  # data-to-text: train on targets, evaluate by decoding (generation.py)
+    if span:  # extractive QA on an encoder: start / end logits over the context's windows (span.py)
+        batcher = SpanBatcher(tokenizer)
+        train = encode_spans(task.train, cfg.task, tokenizer)
+
+        def enc(rows):
+            return encode_spans(rows, cfg.task, tokenizer)
+    elif task.kind == "generation":  # data-to-text: train on targets, evaluate by decoding (generation.py)
         batcher = GenerationBatcher(tokenizer, fam.kind, cfg.task)
         train = encode_train(task.train, cfg.task, tokenizer, fam.kind)
         if cfg.train.max_eval_samples:  # evenly spaced inputs: WebNLG's test lists seen before unseen
@@ -376,6 +385,7 @@ def prepare(cfg: DictConfig, record: dict[str, Any], artifacts: Path | None = No
         test_loader,
         artifacts,
         blocks=fam.blocks,
+        encode=enc,
     )
 
 
@@ -502,6 +512,7 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
         model = finish(model)
         record["final"] = evaluate(model, eval_loader, s, cfg)
         record["final"]["merged"] = True
+    evaluate_transfer(model, s, cfg, acc, record)
     if s.test_loader is not None:  # with the weights the record reports (best, merged)
         record["test_predictions"] = predict_test(model, acc.prepare(s.test_loader), s)
     if t.export_model:
@@ -577,6 +588,7 @@ def evaluate_only(cfg: DictConfig, record: dict[str, Any], s: Setup, acc: Accele
     track(p, evaluate(model, eval_loader, s, cfg), cfg, 0, 1)
     p.eval_s = time.perf_counter() - t0
     finish_record(cfg, record, acc, p, 1)
+    evaluate_transfer(model, s, cfg, acc, record)
     if s.test_loader is not None:
         record["test_predictions"] = predict_test(model, acc.prepare(s.test_loader), s)
 
@@ -728,17 +740,26 @@ def predict_test(model: torch.nn.Module, loader: DataLoader, s: Setup) -> dict[s
     return {"path": str(path), "rows": len(preds), "of": len(s.task.test)}
 
 
-def evaluate(model: torch.nn.Module, loader: DataLoader, s: Setup, cfg: DictConfig) -> dict[str, Any]:
-    result = evaluate_once(model, loader, s, cfg)
+def evaluate(
+    model: torch.nn.Module, loader: DataLoader, s: Setup, cfg: DictConfig, rows=None, name=None
+) -> dict[str, Any]:
+    """One evaluation: of the validation rows, or (`rows`, `name`) of another set of the task's rows."""
+    result = evaluate_once(model, loader, s, cfg, rows, name)
     reshard(model)
     return result
 
 
 @torch.no_grad()
-def evaluate_once(model: torch.nn.Module, loader: DataLoader, s: Setup, cfg: DictConfig) -> dict[str, Any]:
-    s.n_evals += 1
+def evaluate_once(
+    model: torch.nn.Module, loader: DataLoader, s: Setup, cfg: DictConfig, rows=None, name=None
+) -> dict[str, Any]:
+    if name is None:
+        s.n_evals += 1
     if isinstance(s.batcher, GenerationBatcher):
-        return evaluate_generation(model, loader, s, cfg)
+        texts = decode_all(inner(model), loader, s.batcher, lambda t: gathered(s, t))
+        return score_outputs({f["idx"]: t for f, t in zip(loader.dataset, texts)}, s, cfg, rows, name)
+    if isinstance(s.batcher, SpanBatcher):
+        return evaluate_spans(model, loader, s, cfg, rows, name)
     model.eval()
     preds, refs, total_loss, n = [], [], 0.0, 0
     for batch in loader:
@@ -752,28 +773,64 @@ def evaluate_once(model: torch.nn.Module, loader: DataLoader, s: Setup, cfg: Dic
     return {"metrics": {k: round(v, 4) for k, v in values.items()}, "loss": round(total_loss / max(n, 1), 5)}
 
 
-def evaluate_generation(
-    model: torch.nn.Module, loader: DataLoader, s: Setup, cfg: DictConfig
+def evaluate_spans(
+    model: torch.nn.Module, loader: DataLoader, s: Setup, cfg: DictConfig, rows=None, name=None
 ) -> dict[str, Any]:
-    """Decode every evaluation input, save the outputs (one line per input, in the split's order) and score
-    them as the task's official evaluation does, on all inputs and per category (WebNLG seen / unseen)."""
+    """Start / end logits of every window, the best span per question (span.py), scored like generated
+    answers; the loss is the windows' mean start / end cross-entropy."""
+    model.eval()
+    width = int(cfg.task.max_length)
+    logits_all: list[torch.Tensor] = []
+    total_loss, n = 0.0, 0
+    for batch in loader:
+        logits, labels = gathered(s, (pad_tokens(s.batcher.logits(model, batch), width), batch["labels"]))
+        total_loss += float(s.batcher.loss_from_logits(logits, labels)) * len(labels)
+        n += len(labels)
+        logits_all += list(logits.cpu())
+    rows = s.task.validation if rows is None else rows
+    answers = best_answers(loader.dataset, logits_all, {r["idx"]: r["context"] for r in rows}, cfg.task)
+    result = score_outputs({f["idx"]: answers.get(f["idx"], "") for f in loader.dataset}, s, cfg, rows, name)
+    result["loss"] = round(total_loss / max(n, 1), 5)
+    return result
+
+
+def score_outputs(by_idx: dict[int, str], s: Setup, cfg: DictConfig, rows=None, name=None) -> dict[str, Any]:
+    """Score the outputs (input idx -> text) as the task's official evaluation does, on all inputs and per
+    category (WebNLG seen / unseen), and save them: one line per input, in the split's order."""
     from peftbench.nlg_metrics import score_by_category, shared_meteor
 
-    texts = decode_all(inner(model), loader, s.batcher, lambda t: gathered(s, t))
-    by_idx = {f["idx"]: t for f, t in zip(loader.dataset, texts)}
-    rows = [r for r in s.task.validation if r["idx"] in by_idx]
+    rows = [r for r in (s.task.validation if rows is None else rows) if r["idx"] in by_idx]
     rows.sort(key=lambda r: r["idx"])
     hyps = [by_idx[r["idx"]] for r in rows]
     result: dict[str, Any] = {"metrics": {}, "unavailable": {}}
     for group, scores in score_by_category(cfg.task.scorer, hyps, rows, shared_meteor()).items():
         suffix = "" if group == "all" else f"_{group}"
-        for name, value in scores.values.items():
+        for metric, value in scores.values.items():
             if value is None:
-                result["unavailable"][name + suffix] = scores.unavailable.get(name, "not computed")
+                result["unavailable"][metric + suffix] = scores.unavailable.get(metric, "not computed")
             else:
-                result["metrics"][name + suffix] = round(float(value), 4)
+                result["metrics"][metric + suffix] = round(float(value), 4)
     if s.artifacts is not None and s.main:
-        path = s.artifacts / "predictions" / f"eval_{s.n_evals}.txt"
+        path = s.artifacts / "predictions" / (f"{name}.txt" if name else f"eval_{s.n_evals}.txt")
         write_atomic(path, "".join(h + "\n" for h in hyps))
         result["predictions"] = str(path)
     return result
+
+
+def evaluate_transfer(model: torch.nn.Module, s: Setup, cfg: DictConfig, acc: Accelerator, record) -> None:
+    """The task's transfer sets (QA: MRQA out-of-domain), zero-shot with the weights the record reports;
+    their metrics join the best evaluation's as `<metric>_<set>`."""
+    if not s.task.transfer:
+        return
+    record["transfer"] = {}
+    for name, rows in s.task.transfer.items():
+        rows = rows[: cfg.train.max_eval_samples or None]
+        features = s.encode(sorted(rows, key=lambda r: -len(r["source"])))  # less padding; scored by idx
+        loader = acc.prepare(DataLoader(features, cfg.train.eval_batch_size, collate_fn=s.batcher))
+        t0 = time.perf_counter()
+        result = evaluate(model, loader, s, cfg, rows, f"transfer_{name}")
+        result.update(n_eval=len(rows), eval_s=round(time.perf_counter() - t0, 3))
+        record["transfer"][name] = result
+        print(f"[peftbench] {name}: " + " ".join(f"{k}={v:.2f}" for k, v in result["metrics"].items()))
+        if record.get("best"):
+            record["best"]["metrics"].update({f"{k}_{name}": v for k, v in result["metrics"].items()})

@@ -9,14 +9,16 @@ from omegaconf import DictConfig
 from peftbench.errors import UserError, choice_error
 from peftbench.methods import apply_method
 from peftbench.metrics import METRICS
-from peftbench.models import family, meta_model, uses_lm
+from peftbench.models import family, meta_model, span_head, uses_lm
 from peftbench.prompting import SLOT, anchored
 
 OPTIMIZERS = ("adamw", "adafactor")
 DECODE_STRATEGIES = ("beam", "greedy", "sample")
-NO_GENERATION = {
-    "prompt_tuning": "its prompt is prepended in one forward call; use method=prefix_tuning to generate",
-    "p_tuning": "its prompt is prepended in one forward call; use method=prefix_tuning to generate",
+NO_GENERATION = {  # soft prompts generate with T5 / BART (the encoder reads the prompt once), not with GPT-2
+    "prompt_tuning": "its prompt is prepended in one forward call, which GPT-2's step-by-step decoding "
+    "does not repeat; use a T5 / BART model, or method=prefix_tuning",
+    "p_tuning": "its prompt is prepended in one forward call, which GPT-2's step-by-step decoding "
+    "does not repeat; use a T5 / BART model (method.placement=prepend), or method=prefix_tuning",
     "icl": "in-context learning ranks answer choices here; it has no generation path",
 }
 
@@ -116,14 +118,20 @@ def check_format(cfg: DictConfig) -> None:
     """The task format fits the method and the task (ICL needs the LM head; regression has no choices)."""
     if cfg.task.get("format", "head") not in FORMATS:
         raise choice_error("task.format", cfg.task.format, FORMATS)
-    if cfg.task.kind == "generation":
+    if span_head(cfg) and not 0 <= int(cfg.task.doc_stride) < int(cfg.task.max_length) // 2:
+        raise UserError(
+            f"task.doc_stride={cfg.task.doc_stride} must be >= 0 and below half of "
+            f"task.max_length={cfg.task.max_length} (the overlap of two windows of the context)"
+        )
+    if cfg.task.kind == "generation" and not span_head(cfg):
         fam = family(cfg.model)
         if fam.kind == "encoder":
             raise UserError(
                 f"task {cfg.task.name} generates text and model {cfg.model.name} ({fam.name}) has no decoder; "
                 "use a GPT-2, T5 or BART model"
             )
-        if cfg.method.name in NO_GENERATION:
+        soft_prompt_ok = fam.kind == "encoder-decoder" and cfg.method.get("placement", "prepend") == "prepend"
+        if cfg.method.name in NO_GENERATION and not (soft_prompt_ok and cfg.method.name != "icl"):
             raise UserError(f"method={cfg.method.name} cannot generate: {NO_GENERATION[cfg.method.name]}")
         d = cfg.task.decode
         if d.strategy not in DECODE_STRATEGIES:

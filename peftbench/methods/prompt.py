@@ -75,6 +75,8 @@ def add_prompt(
         if args:
             kwargs["input_ids"], args = args[0], args[1:]
         ids = kwargs.pop("input_ids", None)
+        if seq2seq and ids is None and kwargs.get("encoder_outputs") is not None:
+            return args, kwargs  # generate()'s decoding steps: the encoder read [P; x] (prompted_inputs)
         if ids is None or kwargs.get("position_ids") is not None or kwargs.get("encoder_outputs") is not None:
             raise UserError(
                 "a soft prompt is prepended to input_ids in one forward call (training, rank classification); "
@@ -118,6 +120,16 @@ def add_prompt(
     backbone.register_forward_pre_hook(before, with_kwargs=True)
     backbone.register_forward_hook(after, with_kwargs=True)
     return model
+
+
+def prompted_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """T5 / BART generate(): the encoder input with the soft prompt in front, as embeddings, and its mask
+    (the encoder runs once on it; each decoding step then passes the hook above untouched), as peft's
+    prompt-tuned seq2seq generate does."""
+    embeds = model.base_model.get_input_embeddings()(input_ids)
+    prompt = model.prompt_encoder().to(embeds.dtype).unsqueeze(0).expand(input_ids.shape[0], -1, -1)
+    mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], prompt.shape[1]), attention_mask], dim=1)
+    return {"inputs_embeds": torch.cat([prompt, embeds], dim=1), "attention_mask": mask}
 
 
 def shift_right(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

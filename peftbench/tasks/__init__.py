@@ -28,6 +28,9 @@ class TaskData:
     notes: dict[str, Any] = field(
         default_factory=dict
     )  # what a reader of the record must know (e.g. eval on train rows)
+    transfer: dict[str, list[dict[str, Any]]] = field(
+        default_factory=dict
+    )  # other evaluation sets, scored zero-shot after training (QA domain transfer)
 
 
 def load_task(task_cfg: DictConfig, seed: int, max_train: int | None = None) -> TaskData:

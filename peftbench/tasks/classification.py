@@ -7,6 +7,7 @@ Local rows are mapped onto the hub's schema (`local.columns`, `local.flatten`), 
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 import random
@@ -202,9 +203,10 @@ def _read_tsv(cfg: DictConfig, path: Path) -> list[tuple[int, dict]]:
     return out
 
 
-def _read_jsonl(cfg: DictConfig, path: Path, flatten: bool = True) -> list[tuple[int, dict]]:
+def _read_jsonl(cfg: DictConfig | None, path: Path, flatten: bool = True) -> list[tuple[int, dict]]:
+    """(line number, row) of a JSON-lines file, gzipped if it ends in .gz; `flatten`: as the task's rows."""
     out = []
-    with open(path, encoding="utf-8") as f:
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
         for line, text in enumerate(f, start=1):
             if not text.strip():
                 continue

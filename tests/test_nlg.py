@@ -246,9 +246,12 @@ def test_dart_model_metrics_are_unavailable_with_a_reason_never_zero(monkeypatch
     [
         (
             ["task=e2x", "predictions=x"],
-            "unknown task 'e2x' (did you mean 'e2e'?); choose from: dart, e2e, webnlg",
+            "unknown task 'e2x' (did you mean 'e2e'?); choose from: dart, e2e, squad, webnlg, xsum",
         ),
-        (["task=rte", "predictions=x"], "task rte is not a generation task; choose from: dart, e2e, webnlg"),
+        (
+            ["task=rte", "predictions=x"],
+            "task rte is not a generation task; choose from: dart, e2e, squad, webnlg, xsum",
+        ),
         (["task=e2e"], "missing predictions=..."),
         (["task=e2e", "preds=x"], "bad argument 'preds=x'"),
     ],

@@ -294,15 +294,20 @@ def test_prefix_tuning_generates_with_and_without_the_kv_cache_alike(compose, mo
     assert not torch.equal(cached, plain)  # the prefix steers what is generated
 
 
-def test_soft_prompt_generate_says_to_use_prefix_tuning(compose):
+def test_soft_prompted_t5_generates_only_with_its_prompt(compose):
+    """model.generate(input_ids=...) would run the encoder without the prompt: a one-line error naming the
+    way that keeps it (prompted_inputs, which peftbench's decoding uses; tests/test_qa.py checks its tokens)."""
     from peftbench.methods import apply_method
+    from peftbench.methods.prompt import prompted_inputs
     from peftbench.models import load_model
 
     cfg = compose("model=tiny-t5", "method=prompt_tuning", "method.init=random_uniform", "task.format=prompt")
     m, tok = load_model(cfg.model, "classification", 2, lm=True)
     m = apply_method(m, cfg.method, family(cfg.model, lm=True)).eval()
-    with pytest.raises(UserError, match="use method=prefix_tuning to generate"):
-        m.generate(**tok(["a b"], return_tensors="pt"), max_new_tokens=2)
+    enc = tok(["a b"], return_tensors="pt")
+    with pytest.raises(UserError, match="would skip the prompt"):
+        m.generate(**enc, max_new_tokens=2)
+    assert m.generate(**prompted_inputs(m, **enc), max_new_tokens=2).shape == (1, 3)
 
 
 @pytest.mark.parametrize("model", ["tiny-roberta", "tiny-gpt2", "tiny-t5", "tiny-albert"])

@@ -117,8 +117,18 @@ def add_prompt(
             output["pooler_output"] = pooler(output["last_hidden_state"])
         return output
 
+    def encoder_reads_embeddings(module, args, kwargs):
+        if args or kwargs.get("input_ids") is not None:
+            raise UserError(
+                "the encoder of a soft-prompted T5 / BART was called with input_ids, which would skip the "
+                "prompt (model.generate(input_ids=...) does that): generate with "
+                "peftbench.methods.prompt.prompted_inputs(model, input_ids, attention_mask)"
+            )
+
     backbone.register_forward_pre_hook(before, with_kwargs=True)
     backbone.register_forward_hook(after, with_kwargs=True)
+    if seq2seq:  # the model's own forward hands the encoder [P; x] as inputs_embeds; anything else skips P
+        model.get_encoder().register_forward_pre_hook(encoder_reads_embeddings, with_kwargs=True)
     return model
 
 

@@ -88,9 +88,11 @@ class SpanBatcher:
         return batch
 
     def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(batch, tokens, 2): start and end logits."""
+        """(batch, tokens, 2): start and end logits, NEG at padding (so the loss does not depend on how far
+        a batch is padded: one process or several, the same windows give the same loss)."""
         out = model(**{k: v for k, v in batch.items() if k != "labels"})
-        return torch.stack([out.start_logits, out.end_logits], dim=-1)
+        logits = torch.stack([out.start_logits, out.end_logits], dim=-1).float()
+        return logits.masked_fill(batch["attention_mask"][..., None] == 0, NEG)
 
     def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = logits.float()

@@ -5,7 +5,10 @@ and the prompt_tuning_domain table."""
 
 import gzip
 import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -278,3 +281,33 @@ def test_prompt_tuning_domain_table_layout_and_delta():
     lines = experiment.table(preset, records)
     assert lines[0]["Model tuning"] == "91.0 ± 1.4 (n=2) [paper 94.9 ± 0.2]"
     assert lines[1]["Δ"] == "+9.0 [paper +12.5]" and lines[2]["Δ"] == "missing [paper +1.2]"
+
+
+def test_span_head_under_two_processes_equals_one_process(tmp_path):
+    """Data parallelism on the span head: each process scores its share of the windows, the padded logits are
+    gathered in order, so 2 CPU processes (torchrun, gloo) give the losses, the evaluation, the transfer
+    scores and the saved answers of 1 process (4 steps of 16 windows, within the first epoch, dropout off)."""
+    write_fixture(tmp_path / "data")
+    env = {**os.environ, "PEFTBENCH_DATA_DIR": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"}
+    env["PEFTBENCH_RESULTS_DIR"] = str(tmp_path / "results")
+    run = ["task=squad", "model=tiny-roberta", "method=full", "task.transfer=[textbookqa]", "task.max_length=32",
+           "task.doc_stride=8", "train.batch_size=16", "train.lr=3e-3", "train.max_steps=4", "train.eval_every=4",
+           "train.progress=false", "train.num_threads=1", "+model.config_overrides.hidden_dropout_prob=0",
+           "+model.config_overrides.attention_probs_dropout_prob=0"]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    records = {}
+    for name, launcher in (("two", torchrun), ("one", [sys.executable])):
+        cmd = [*launcher, "-m", "peftbench.cli", "train", *run, f"name={name}"]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (path,) = (tmp_path / "results" / name).glob("*.json")
+        records[name] = json.loads(path.read_text())
+    two, one = records["two"], records["one"]
+    assert two["device"]["processes"] == 2 and one["device"]["processes"] == 1
+    assert two["train"]["loss_curve"] == pytest.approx(one["train"]["loss_curve"], abs=1e-4)
+    assert two["best"]["metrics"] == one["best"]["metrics"] and two["best"]["loss"] == pytest.approx(
+        one["best"]["loss"], abs=1e-4
+    )
+    assert two["transfer"]["textbookqa"]["metrics"] == one["transfer"]["textbookqa"]["metrics"]
+    read = lambda r: open(r["best"]["predictions"]).read()  # noqa: E731
+    assert read(two) == read(one) and len(read(one).splitlines()) == 16

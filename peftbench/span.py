@@ -23,6 +23,15 @@ from peftbench.errors import UserError
 NEG = -1e4  # logits of the padding added to gather windows of different lengths
 
 
+def check_stride(task_cfg: DictConfig) -> None:
+    """Two windows of a context overlap by `doc_stride` tokens: at least 0, below half a window."""
+    if not 0 <= int(task_cfg.doc_stride) < int(task_cfg.max_length) // 2:
+        raise UserError(
+            f"task.doc_stride={task_cfg.doc_stride} must be >= 0 and below half of "
+            f"task.max_length={task_cfg.max_length} (the overlap of two windows of the context)"
+        )
+
+
 def encode_spans(rows: list[dict], task_cfg: DictConfig, tokenizer) -> list[dict[str, Any]]:
     """One feature per window: input ids, `labels` [start, end] token of the answer (0, 0: not inside),
     the question's `idx`, and `offsets`: each token's character span in the context (None outside it)."""
@@ -30,9 +39,8 @@ def encode_spans(rows: list[dict], task_cfg: DictConfig, tokenizer) -> list[dict
         return []
     if not getattr(tokenizer, "is_fast", False):
         raise UserError("a span-extraction head needs a fast tokenizer (character offsets of every token)")
+    check_stride(task_cfg)
     max_len, stride = int(task_cfg.max_length), int(task_cfg.doc_stride)
-    if stride >= max_len // 2:
-        raise UserError(f"task.doc_stride={stride} must be below half of task.max_length={max_len}")
     enc = tokenizer(
         [r["question"].lstrip() for r in rows],
         [r["context"] for r in rows],
@@ -95,7 +103,7 @@ class SpanBatcher:
         return logits.masked_fill(batch["attention_mask"][..., None] == 0, NEG)
 
     def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
+        """`logits` as `logits()` gives them (float32, padding at NEG)."""
         return (
             F.cross_entropy(logits[..., 0], labels[:, 0]) + F.cross_entropy(logits[..., 1], labels[:, 1])
         ) / 2
@@ -106,7 +114,7 @@ class SpanBatcher:
 
 def pad_tokens(logits: torch.Tensor, width: int) -> torch.Tensor:
     """Windows padded to one width (processes' batches differ in length), padding never chosen."""
-    return F.pad(logits.float(), (0, 0, 0, max(0, width - logits.shape[1])), value=NEG)
+    return F.pad(logits, (0, 0, 0, max(0, width - logits.shape[1])), value=NEG)
 
 
 def best_answers(

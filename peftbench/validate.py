@@ -11,6 +11,7 @@ from peftbench.methods import apply_method
 from peftbench.metrics import METRICS
 from peftbench.models import family, meta_model, span_head, uses_lm
 from peftbench.prompting import SLOT, anchored
+from peftbench.span import check_stride
 
 OPTIMIZERS = ("adamw", "adafactor")
 DECODE_STRATEGIES = ("beam", "greedy", "sample")
@@ -118,11 +119,8 @@ def check_format(cfg: DictConfig) -> None:
     """The task format fits the method and the task (ICL needs the LM head; regression has no choices)."""
     if cfg.task.get("format", "head") not in FORMATS:
         raise choice_error("task.format", cfg.task.format, FORMATS)
-    if span_head(cfg) and not 0 <= int(cfg.task.doc_stride) < int(cfg.task.max_length) // 2:
-        raise UserError(
-            f"task.doc_stride={cfg.task.doc_stride} must be >= 0 and below half of "
-            f"task.max_length={cfg.task.max_length} (the overlap of two windows of the context)"
-        )
+    if span_head(cfg):
+        check_stride(cfg.task)
     if cfg.task.kind == "generation" and not span_head(cfg):
         fam = family(cfg.model)
         if fam.kind == "encoder":

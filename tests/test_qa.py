@@ -140,6 +140,18 @@ def test_squad_and_mrqa_files_load_and_a_missing_copy_says_what_to_download(comp
     assert _from_hub(mrqa_hub)["answer_starts"] == [2] and _from_hub(mrqa_hub)["references"] == ["yz"]
 
 
+@pytest.mark.parametrize("stride", ["-1", "12"])
+def test_doc_stride_outside_half_a_window_is_one_line_at_validation(compose, stride):
+    from peftbench.validate import validate
+
+    cfg = compose("task=squad", "model=tiny-bert", "task.max_length=24", f"task.doc_stride={stride}")
+    with pytest.raises(UserError, match=rf"task.doc_stride={stride} must be >= 0 and below half of task.max"):
+        validate(cfg)
+    assert (
+        validate(compose("task=squad", "model=tiny-bert", "task.max_length=24", "task.doc_stride=11")) is None
+    )
+
+
 def test_span_windows_label_the_answer_and_the_best_span_recovers_it(compose, data):
     """Short windows (24 tokens, stride 8) cut each context into several; a window holding the whole answer
     labels its tokens, the others [CLS]; logits peaked on the labels give back every answer's text."""

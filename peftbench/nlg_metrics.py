@@ -303,7 +303,10 @@ _PUNCT = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")  # string.punctuation
 
 
 def answer_f1(prediction: str, gold: str) -> float:
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    return _token_f1(normalize_answer(prediction).split(), normalize_answer(gold).split())
+
+
+def _token_f1(pred: list[str], ref: list[str]) -> float:
     same = sum((Counter(pred) & Counter(ref)).values())
     if same == 0:
         return 0.0
@@ -313,9 +316,12 @@ def answer_f1(prediction: str, gold: str) -> float:
 
 def squad(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
     """F1 and exact match x 100 as the SQuAD v1.1 / MRQA scripts: each question's best gold answer,
-    averaged over the questions."""
-    f1 = sum(max(answer_f1(h, g) for g in gs) for h, gs in zip(hyps, refs))
-    em = sum(max(float(normalize_answer(h) == normalize_answer(g)) for g in gs) for h, gs in zip(hyps, refs))
+    averaged over the questions (every answer normalised once)."""
+    f1 = em = 0.0
+    for h, gs in zip(hyps, refs):
+        pred, golds = normalize_answer(h), [normalize_answer(g) for g in gs]
+        f1 += max(_token_f1(pred.split(), g.split()) for g in golds)
+        em += max(float(pred == g) for g in golds)
     n = max(len(hyps), 1)
     return {"f1": 100.0 * f1 / n, "em": 100.0 * em / n}
 

@@ -133,10 +133,11 @@ CATEGORIES = ("_seen", "_unseen")  # WebNLG's test categories: `bleu_seen` is BL
 
 
 def higher_is_better(name: str) -> bool:
-    for suffix in CATEGORIES:
-        name = name.removesuffix(suffix)
-    name = name.split("_")[0] if name.split("_")[0] in ("f1", "em") else name  # QA transfer: f1_bioasq
-    return get_metric(name).higher_is_better
+    """A metric or a copy of it named `<metric>_<part>` (WebNLG's `bleu_seen`, QA transfer's `f1_bioasq`)."""
+    base = name
+    while base not in METRICS and "_" in base:
+        base = base.rsplit("_", 1)[0]
+    return get_metric(base if base in METRICS else name).higher_is_better
 
 
 def produced(task_cfg) -> set[str]:

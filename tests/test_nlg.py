@@ -274,5 +274,10 @@ def test_score_says_expected_and_got_line_counts(tmp_path, capsys):
 def test_generation_metrics_are_in_the_registry(monkeypatch):
     monkeypatch.setattr(N, "java_missing", lambda: "java not found on PATH")
     assert not M.higher_is_better("ter") and M.higher_is_better("bleu")
+    # per-category and per-transfer-set copies keep their metric's direction
+    assert not M.higher_is_better("ter_unseen") and M.higher_is_better("bleu_seen")
+    assert M.higher_is_better("f1_bioasq") and M.higher_is_better("em_re") and M.higher_is_better("rouge_l")
+    with pytest.raises(UserError, match="unknown metric 'blue_seen'"):
+        M.higher_is_better("blue_seen")
     got = M.compute(["bleu", "nist"], ["the cat sat on the mat"], [["the cat sat on the mat"]], scorer="e2e")
     assert got["bleu"] == pytest.approx(100.0)

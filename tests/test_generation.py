@@ -199,3 +199,24 @@ def test_export_refuses_methods_whose_parameters_are_not_base_weights(compose):
 
     with pytest.raises(UserError, match="export works with: full, ft_top2, bitfit, lora, ia3"):
         validate(compose("task=e2e", "method=prefix_tuning", "train.export_model=/tmp/x"))
+
+
+def test_text_only_trains_a_plain_language_model_of_the_references(compose):
+    """task.text_only=true (domain pre-training of a base): training rows keep their reference but lose
+    their source, so GPT-2 sees `<|endoftext|> reference <|endoftext|>` with the loss on every reference
+    token; the evaluation inputs keep their linearised triples."""
+    require_data()
+    from peftbench.cli import compose as compose_cfg
+    from peftbench.tasks import load_task
+
+    cfg = compose_cfg(["task=webnlg", "task.text_only=true", "model=tiny-gpt2"])
+    data = load_task(cfg.task, seed=0, max_train=32)
+    assert len(data.train) == 32 and all(r["source"] == "" and r["target"] for r in data.train)
+    assert all(" : " in r["source"] for r in data.validation)  # `subject : predicate : object | ...`
+    _, kind, _, tok, _ = setup(compose, "tiny-gpt2")
+    f = encode_train(data.train[:1], cfg.task, tok, kind)[0]
+    assert f["input_ids"][0] == tok.bos_token_id and f["labels"][0] == -100
+    assert (
+        f["labels"][1:] == f["input_ids"][1:]
+        and tok.decode(f["labels"][1:-1]) == " " + data.train[0]["target"]
+    )

@@ -40,6 +40,8 @@ def load(cfg: DictConfig, seed: int, max_train: int | None = None) -> TaskData:
     train, train_src = load_split(cfg, cfg.get("train_split") or "train")  # DART offline: validation
     validation, val_src = load_split(cfg, cfg.get("eval_split") or "validation")  # test: the papers' tables
     pairs = [{**e, "target": ref} for e in train for ref in e["references"]]
+    if cfg.get("text_only"):  # a plain language model of the references: domain pre-training of a base
+        pairs = [{**p, "source": ""} for p in pairs]
     for i, row in enumerate(pairs):
         row["idx"] = i
     rows = select_train(pairs, cfg, seed, max_train)

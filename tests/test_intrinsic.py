@@ -85,6 +85,37 @@ def test_loss_falls_through_theta_d_alone(compose, model):
     assert setup.model.intrinsic.theta.abs().sum() > 0
 
 
+def test_evaluation_reuses_the_written_weights_until_theta_changes(compose):
+    """The pre-hook computes θ₀ + P θ_d once for consecutive no-grad forwards (an evaluation), again after an
+    optimizer step changes θ_d, and on every forward that builds a graph; outputs always match θ_d."""
+    require_data()
+    from peftbench.run import prepare
+
+    setup = prepare(compose("model=tiny-bert", "method=intrinsic", "method.d=50", *QUICK), {})
+    model, sub = setup.model, setup.model.intrinsic
+    calls = []
+    real = sub.deltas
+    sub.deltas = lambda: calls.append(1) or real()
+    batch = next(iter(setup.train_loader))
+    model.eval()
+    with torch.no_grad():
+        first = setup.batcher.logits(model, batch)
+        again = setup.batcher.logits(model, batch)
+    assert len(calls) == 1 and torch.equal(first, again)
+    opt = torch.optim.AdamW([sub.theta], lr=0.1)
+    setup.batcher.loss(model, batch).backward()
+    assert len(calls) == 2  # a training forward always writes (its graph reaches θ_d)
+    opt.step()
+    with torch.no_grad():
+        moved = setup.batcher.logits(model, batch)
+        moved_again = setup.batcher.logits(model, batch)
+    assert len(calls) == 3 and torch.equal(moved, moved_again) and not torch.equal(moved, first)
+    with torch.no_grad():  # what a fresh write of the current θ_d gives
+        sub.theta.add_(0.0)  # an in-place write: the next forward recomputes
+        fresh = setup.batcher.logits(model, batch)
+    assert len(calls) == 4 and torch.equal(fresh, moved)
+
+
 def test_paper_model_counts_on_the_meta_device(compose):
     from peftbench.cli import main
 

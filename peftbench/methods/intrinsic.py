@@ -15,7 +15,8 @@ starts exactly at θ₀) and P a fixed random projection.
   λ_i per weight tensor (m of them, starting at 1) and d − m subspace coordinates: still d trainable numbers.
 
 The original weights become buffers; a forward pre-hook writes θ₀ + P θ_d into the modules before each forward
-(so every forward, generation's too, sees the current θ_d). The weights saved are θ_d (and λ) and the seed.
+(so every forward, generation's too, sees the current θ_d); a no-grad forward after no change to θ_d (an
+evaluation's every batch after the first) reuses what was written. The weights saved are θ_d (and λ) and the seed.
 """
 
 from __future__ import annotations
@@ -183,11 +184,17 @@ def apply(model: torch.nn.Module, cfg: DictConfig, fam: Family) -> torch.nn.Modu
             setattr(module, attr, p.data)
     model.add_module("intrinsic", subspace)
 
+    written: list = [None]  # which θ_d (and λ) the weights now hold
+
     def write_weights(module, args, kwargs):
+        key = [(t.data_ptr(), t._version, t.device) for t in subspace.parameters()]
+        if not torch.is_grad_enabled() and key == written[0]:
+            return args, kwargs  # evaluation with θ_d unchanged since the last write: nothing to recompute
         for delta, where in zip(subspace.deltas(), slots):
             for owner, attr in where:
                 theta0 = getattr(owner, attr + FROZEN_SUFFIX)
                 setattr(owner, attr, theta0 + delta.view_as(theta0).to(theta0.dtype))
+        written[0] = key
         return args, kwargs
 
     model.register_forward_pre_hook(write_weights, with_kwargs=True)

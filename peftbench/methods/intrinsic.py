@@ -184,17 +184,18 @@ def apply(model: torch.nn.Module, cfg: DictConfig, fam: Family) -> torch.nn.Modu
             setattr(module, attr, p.data)
     model.add_module("intrinsic", subspace)
 
-    written: list = [None]  # which θ_d (and λ) the weights now hold
+    written = None  # which θ_d (and λ) the weights now hold
 
     def write_weights(module, args, kwargs):
+        nonlocal written
         key = [(t.data_ptr(), t._version, t.device) for t in subspace.parameters()]
-        if not torch.is_grad_enabled() and key == written[0]:
+        if not torch.is_grad_enabled() and key == written:
             return args, kwargs  # evaluation with θ_d unchanged since the last write: nothing to recompute
         for delta, where in zip(subspace.deltas(), slots):
             for owner, attr in where:
                 theta0 = getattr(owner, attr + FROZEN_SUFFIX)
                 setattr(owner, attr, theta0 + delta.view_as(theta0).to(theta0.dtype))
-        written[0] = key
+        written = key
         return args, kwargs
 
     model.register_forward_pre_hook(write_weights, with_kwargs=True)

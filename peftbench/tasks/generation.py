@@ -39,9 +39,9 @@ def load(cfg: DictConfig, seed: int, max_train: int | None = None) -> TaskData:
     """Train rows (one per reference) and validation entries (one per input, all its references)."""
     train, train_src = load_split(cfg, cfg.get("train_split") or "train")  # DART offline: validation
     validation, val_src = load_split(cfg, cfg.get("eval_split") or "validation")  # test: the papers' tables
-    pairs = [{**e, "target": ref} for e in train for ref in e["references"]]
-    if cfg.get("text_only"):  # a plain language model of the references: domain pre-training of a base
-        pairs = [{**p, "source": ""} for p in pairs]
+    # text_only: a plain language model of the references (no source), domain pre-training of a base
+    blank = {"source": ""} if cfg.get("text_only") else {}
+    pairs = [{**e, "target": ref, **blank} for e in train for ref in e["references"]]
     for i, row in enumerate(pairs):
         row["idx"] = i
     rows = select_train(pairs, cfg, seed, max_train)

@@ -23,7 +23,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftbench.errors import UserError
+from peftbench.errors import UserError, disk_full_is_user_error
 from peftbench.faults import kill_point
+from peftbench.parallel import load_optimizer_state, load_state, optimizer_state, trainable_state
 
 
 @dataclass
@@ -181,3 +182,60 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class Checkpointer:
+    """When to checkpoint (train.checkpoint_every: epoch | N optimizer steps | null) and what goes in."""
+
+    def __init__(self, folder: Path, every, n_batches: int, acc, opt, sched, generator):
+        self.folder, self.every, self.n_batches = folder, every, n_batches
+        self.acc, self.opt, self.sched, self.generator = acc, opt, sched, generator
+        self.meta: dict[str, Any] = {}
+        self.saved, self.bytes = 0, None
+
+    def due(self, p: Progress) -> bool:
+        if self.every is None:
+            return False
+        if self.every == "epoch":
+            return p.batch == self.n_batches
+        return p.step % int(self.every) == 0
+
+    def save(self, p: Progress, model: torch.nn.Module, best_state, epoch_start: torch.Tensor) -> None:
+        at_end = p.batch == self.n_batches  # store "next epoch, batch 0": nothing to replay on resume
+        saved = replace(p, epoch=p.epoch + 1, batch=0) if at_end else p
+        state = {
+            "optimizer": optimizer_state(model, self.opt),  # every process takes part (FSDP gathers)
+            "scheduler": self.sched.state_dict(),
+            "data": self.generator.get_state() if at_end else epoch_start,
+        }
+        if self.acc.scaler is not None:
+            state["scaler"] = self.acc.scaler.state_dict()
+        trained = trainable_state(model)
+        if not self.acc.is_main_process:
+            return
+        keeps = "the previous checkpoint is kept and the rerun resumes from it"
+        with disk_full_is_user_error(f"the checkpoint of step {p.step} to {self.folder}", keeps):
+            self.bytes = save(self.folder, saved, trained, best_state, state, self.meta)
+        self.saved += 1
+
+    def load(self, model: torch.nn.Module) -> Resume | None:
+        resume = load(self.folder, self.meta)
+        if resume is None:
+            return None
+        load_trainable(model, resume.trainable, resume.path)
+        load_optimizer_state(model, self.opt, resume.state["optimizer"])
+        self.sched.load_state_dict(resume.state["scheduler"])
+        if self.acc.scaler is not None and "scaler" in resume.state:
+            self.acc.scaler.load_state_dict(resume.state["scaler"])
+        self.generator.set_state(resume.state["data"])
+        return resume
+
+
+def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    if names != set(state):
+        raise UserError(
+            f"checkpoint {where} holds other trainable parameters than this run's model; delete it (or rerun "
+            "with train.force=true) to start over"
+        )
+    load_state(model, state)

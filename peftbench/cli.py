@@ -10,36 +10,19 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import signal
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from peftbench.config import GROUPS, compose, load_option, sweep_points
 from peftbench.errors import UserError, choice_error
 from peftbench.paths import config_dir, group_options
 
-GROUPS = ("method", "model", "task", "train", "experiment")
 VERBS = ("train", "list", "params", "table", "plot", "score", "raft-submit")
-
-
-def default_jobs() -> int:
-    """Parallel runs on one machine (hydra/launcher=parallel): $PEFTBENCH_JOBS, else one per visible GPU,
-    else half the CPU cores."""
-    if os.environ.get("PEFTBENCH_JOBS"):
-        return int(os.environ["PEFTBENCH_JOBS"])
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.device_count()
-    return max(1, (os.cpu_count() or 2) // 2)
-
-
-OmegaConf.register_new_resolver("peftbench_jobs", default_jobs, replace=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,66 +89,6 @@ def fail(e: BaseException) -> int:
     return 2
 
 
-# --- composing configs outside Hydra's app (validation, params) ------------------------------------------
-
-
-def compose(overrides: list[str]) -> DictConfig:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    global _composing_from
-    check_groups(overrides)
-    if not GlobalHydra.instance().is_initialized() or _composing_from != config_dir():
-        GlobalHydra.instance().clear()
-        initialize_config_dir(config_dir=str(config_dir()), version_base="1.3")  # stays set: compose is fast
-        _composing_from = config_dir()
-    try:
-        return hydra_compose("config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise UserError(f"bad override in {' '.join(overrides)!r}: {str(e).splitlines()[0]}") from None
-
-
-_composing_from = None
-
-
-def check_groups(overrides: list[str]) -> None:
-    """`method=lorra` -> unknown method 'lorra' (did you mean 'lora'?); choose from: ..."""
-    for o in overrides:
-        key, sep, value = o.partition("=")
-        key = key.lstrip("+~")
-        if sep and key in GROUPS and value not in ("null", ""):
-            options = group_options(key)
-            if value not in options:
-                raise choice_error(key, value, options)
-
-
-def sweep_points(args: list[str]) -> Iterator[list[str]]:
-    """Each value of each swept override, with the fixed overrides: enough to check every value once."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import Glob
-
-    plain = [a for a in args if not a.startswith("-") and not a.startswith("hydra")]
-    try:
-        parsed = OverridesParser.create().parse_overrides(plain)
-    except Exception as e:  # Hydra's grammar errors are already one readable sentence
-        raise UserError(f"cannot parse overrides {' '.join(plain)!r}: {str(e).splitlines()[0]}") from None
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    swept = [o for o in parsed if o.is_sweep_override()]
-    if not swept:
-        yield fixed
-    for o in swept:
-        key = o.get_key_element()
-        if isinstance(o.value(), Glob):  # task=glob(raft_*): the group's options that match
-            values = o.value().filter(group_options(key.lstrip("+~")))
-        else:
-            values = list(o.sweep_string_iterator())
-        for value in values:
-            yield [*fixed, f"{key}={value}"]
-
-
 # --- verbs -----------------------------------------------------------------------------------------------
 
 
@@ -181,54 +104,12 @@ def cmd_train(args: list[str]) -> int:
 
     presets = [a.split("=", 1)[1] for a in args if a.startswith("experiment=")]
     if presets:
-        return run_experiment(presets[0], [a for a in args if not a.startswith("experiment=")])
+        from peftbench.experiment import run_grid
+
+        return run_grid(presets[0], [a for a in args if not a.startswith("experiment=")])
     for point in sweep_points(args):
         validate(compose(point))
     return run_hydra(args)
-
-
-def run_experiment(name: str, args: list[str]) -> int:
-    """The whole grid of a preset (or the `only=` slice), every point checked first, finished runs skipped.
-    A run that fails is recorded as failed and the grid goes on; the exit code says whether any failed."""
-    from peftbench.experiment import expand, load_preset
-    from peftbench.run import execute
-    from peftbench.validate import validate
-
-    only = next((a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("only=")), None)
-    extra = [a for a in args if not a.lstrip("+").startswith("only=") and a not in ("-m", "--multirun")]
-    points = expand(load_preset(name), extra, only)
-    if not points:
-        raise UserError(f"experiment {name}: only={only!r} selects no run")
-    configs = warm_started(load_preset(name), points, [compose(list(p.overrides)) for p in points], extra)
-    points, configs = unique_runs(points, configs)
-    for cfg in configs:
-        validate(cfg)
-    failed = []
-    for i, (point, cfg) in enumerate(zip(points, configs), start=1):
-        print(f"[peftbench] {name} {i}/{len(points)}: {point.row} | {point.task} | seed {point.seed}")
-        try:
-            execute(cfg)
-        except UserError as e:
-            print(f"peftbench: error: {e}", file=sys.stderr)
-            failed.append(point)
-    if failed:
-        print(f"peftbench: {len(failed)} of {len(points)} runs failed (see their records)", file=sys.stderr)
-        return 1
-    return 0
-
-
-def unique_runs(points: list, configs: list[DictConfig]) -> tuple[list, list[DictConfig]]:
-    """One run per run id: `experiment=tfew task=rte` sets every point's task to rte, and the points that
-    differed only in their task are then the same run."""
-    from peftbench.record import run_id
-
-    seen, keep = set(), []
-    for point, cfg in zip(points, configs):
-        rid = run_id(cfg)
-        if rid not in seen:
-            seen.add(rid)
-            keep.append((point, cfg))
-    return [p for p, _ in keep], [c for _, c in keep]
 
 
 def run_hydra(args: list[str]) -> int:
@@ -257,27 +138,6 @@ def run_hydra(args: list[str]) -> int:
     return 0
 
 
-def warm_started(preset, points: list, configs: list[DictConfig], extra: list[str]) -> list[DictConfig]:
-    """Rows with `warm_start: {from: mnli, tasks: [...]}` start those tasks' LoRA from the same row and seed's
-    `from` run: its adapter folder (results/<name>/<run id>/adapter) becomes method.init_from."""
-    from peftbench.experiment import expand
-    from peftbench.record import run_id
-
-    rows = {r.label: r for r in preset.rows}
-    grid = {
-        (p.row, p.task, p.seed): p for p in expand(preset, extra)
-    }  # the sources, even if `only` skips them
-    out = []
-    for p, cfg in zip(points, configs):
-        ws = rows[p.row].get("warm_start")
-        if ws and p.task in ws.tasks:
-            source = compose(list(grid[(p.row, ws["from"], p.seed)].overrides))
-            folder = Path(source.paths.results) / source.name / run_id(source) / "adapter"
-            cfg = compose([*p.overrides, f"method.init_from={folder}"])
-        out.append(cfg)
-    return out
-
-
 def cmd_list(args: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="peftbench list", description="Config options with one-line descriptions."
@@ -291,7 +151,7 @@ def cmd_list(args: list[str]) -> int:
             continue
         print(f"{group}:")
         for name in group_options(group):
-            cfg = OmegaConf.load(config_dir() / group / f"{name}.yaml")
+            cfg = load_option(group, name)
             print(f"  {name:<20} {cfg.get('description', '')}")
     if a.group == "pairs":
         print_pairs()
@@ -307,7 +167,7 @@ def pairs() -> list[tuple[str, str, str, str | None]]:
     """(method, family, format, reason it does not apply or None) for every method x family x task format,
     decided by applying the method to the family's tiny model on the meta device."""
     from peftbench.methods import apply_method
-    from peftbench.models import meta_model
+    from peftbench.setup import meta_model
     from peftbench.validate import check_format
 
     base = compose(["task=rte"])  # one composition; the method and model YAMLs are swapped in (fast)
@@ -316,8 +176,8 @@ def pairs() -> list[tuple[str, str, str, str | None]]:
         for fam in PAIR_FAMILIES:
             for fmt in ("head", "prompt"):
                 cfg = base.copy()
-                cfg.method = OmegaConf.load(config_dir() / "method" / f"{method}.yaml")
-                cfg.model = OmegaConf.load(config_dir() / "model" / f"tiny-{fam}.yaml")
+                cfg.method = load_option("method", method)
+                cfg.model = load_option("model", f"tiny-{fam}")
                 cfg.task.format = fmt
                 try:
                     check_format(cfg)
@@ -354,18 +214,11 @@ PAPER_MODELS = (
     "bart-base",
     "bart-large",
 )
-TABLE_METHODS = (
-    "full",
-    "ft_top2",
-    "bitfit",
-    "lora",
-    "adapter_houlsby",
-    "adapter_pfeiffer",
-    "ia3",
-    "prompt_tuning",
-    "p_tuning",
-    "prefix_tuning",
-)
+def table_methods() -> list[str]:
+    """The methods of `peftbench params`' default table: those whose module says so (not ICL's zero)."""
+    from peftbench.methods import capabilities
+
+    return [m for m in group_options("method") if capabilities(load_option("method", m)).in_params_table]
 
 
 def cmd_params(args: list[str]) -> int:
@@ -381,7 +234,7 @@ def cmd_params(args: list[str]) -> int:
 
     fixed = [o for o in a.overrides if o.split("=")[0] not in ("method", "model")]
     models = [o.split("=", 1)[1] for o in a.overrides if o.startswith("model=")] or PAPER_MODELS
-    methods = [o.split("=", 1)[1] for o in a.overrides if o.startswith("method=")] or TABLE_METHODS
+    methods = [o.split("=", 1)[1] for o in a.overrides if o.startswith("method=")] or table_methods()
     rows = params_table(
         (model, method, compose([f"model={model}", f"method={method}", *fixed]))
         for model, method in itertools.product(models, methods)
@@ -417,6 +270,7 @@ def cmd_table(args: list[str]) -> int:
     )
     a = p.parse_args(args)
     from peftbench.record import write_atomic
+    from peftbench.report.make import check_tables, make_table, results_root
 
     root = a.results or results_root()
     if a.check:
@@ -428,51 +282,6 @@ def cmd_table(args: list[str]) -> int:
     return 0
 
 
-def results_root() -> Path:
-    return Path(os.environ.get("PEFTBENCH_RESULTS_DIR", "results"))
-
-
-def make_table(
-    root: Path,
-    name: str,
-    fmt: str = "md",
-    stat: str | None = None,
-    paper: bool = True,
-    with_efficiency: bool = False,
-) -> str:
-    from peftbench import experiment
-    from peftbench.record import load_records
-    from peftbench.report import records_table, render
-
-    if experiment.is_preset(name):  # the layout is the preset's: cells without runs say "missing"
-        records = load_records(root / name) if (root / name).is_dir() else []
-        preset = experiment.load_preset(name)
-        text = render(experiment.table(preset, records, stat, paper, with_efficiency), fmt)
-        notes = experiment.threshold_dimension(preset, records, stat or preset.protocol.stat)
-        return text + "".join(f"\n\n{line}" if fmt == "md" else f"\n# {line}" for line in notes)
-    records = load_records(root / name)
-    if not records:
-        raise UserError(f"no records in {root / name}; run `peftbench train name={name} ...` first")
-    return render(records_table(records, stat or "mean", with_efficiency), fmt)
-
-
-def check_tables(root: Path) -> int:
-    """Every committed table results/<name>.md must equal what its records give now."""
-    tables = sorted(root.glob("*.md"))
-    if not tables:
-        print(f"no committed tables (*.md) in {root}: nothing to check")
-        return 0
-    stale = [t.name for t in tables if t.read_text() != make_table(root, t.stem) + "\n"]
-    for t in tables:
-        print(f"{'STALE' if t.name in stale else 'ok'}: {t}")
-    if stale:
-        raise UserError(
-            f"{', '.join(stale)} differ from their records; regenerate with "
-            f"`peftbench table NAME --out {root}/NAME.md`"
-        )
-    return 0
-
-
 def cmd_plot(args: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="peftbench plot", description="Sweeps of an experiment preset -> PNG files."
@@ -481,30 +290,9 @@ def cmd_plot(args: list[str]) -> int:
     p.add_argument("--results", type=Path, default=None)
     p.add_argument("--stat", choices=("mean", "median"), default=None)
     a = p.parse_args(args)
-    from peftbench import experiment
-    from peftbench.plot import draw
-    from peftbench.record import load_records
+    from peftbench.report.make import plot_experiment, results_root
 
-    root = a.results or results_root()
-    preset = experiment.load_preset(a.name)
-    if not preset.get("plots"):
-        raise UserError(f"experiment {a.name} declares no plots")
-    records = load_records(root / a.name)
-    stat = a.stat or preset.protocol.stat
-    for spec in preset.plots:
-        series = experiment.plot_series(preset, spec, records, stat)
-        if not series:
-            raise UserError(f"plot {spec.file}: no finished runs of rows {list(spec.rows)} on {spec.task}")
-        path = root / a.name / spec.file
-        lines = {}  # horizontal reference lines: a row's value (full fine-tuning) and a fraction of it
-        if spec.get("reference"):
-            ref, _ = experiment.cell_values(records, spec.reference, spec.task, spec.metric)
-            if ref:
-                value = experiment._stat(ref, stat)
-                lines[spec.reference] = value
-                if spec.get("fraction"):
-                    lines[f"{spec.fraction:.0%} of {spec.reference}"] = spec.fraction * value
-        draw(series, spec, path, lines)
+    for path in plot_experiment(a.results or results_root(), a.name, a.stat):
         print(f"wrote {path}")
     return 0
 
@@ -524,7 +312,8 @@ def cmd_raft_submit(args: list[str]) -> int:
     a = p.parse_args(args)
     from peftbench.record import load_records
     from peftbench.report import render
-    from peftbench.submit import write_submission
+    from peftbench.report.make import results_root
+    from peftbench.report.submit import write_submission
 
     summary = write_submission(load_records((a.results or results_root()) / a.name), a.out, a.partial)
     print(render(summary, "md"))
@@ -532,71 +321,17 @@ def cmd_raft_submit(args: list[str]) -> int:
     return 0
 
 
-SCORE_KEYS = ("task", "predictions", "split", "out")
-
-
 def cmd_score(args: list[str]) -> int:
-    usage = (
-        "usage: peftbench score task=TASK predictions=FILE [split=test] [out=FILE.json]\n"
-        "Scores a file of outputs (one line per distinct input of the split, in its order) with the task's "
-        "official metrics (peftbench/nlg_metrics.py); WebNLG also by seen / unseen category."
-    )
+    from peftbench.report import score
+
     if not args or any(a in ("-h", "--help") for a in args):
-        print(usage)
+        print(score.USAGE)
         return 0
-    opts = {}
-    for a in args:
-        key, sep, value = a.partition("=")
-        if not sep or key not in SCORE_KEYS:
-            raise UserError(
-                f"bad argument {a!r}; expected key=value with key one of: {', '.join(SCORE_KEYS)}"
-            )
-        opts[key] = value
-    for key in ("task", "predictions"):
-        if not opts.get(key):
-            raise UserError(f"missing {key}=...; {usage.splitlines()[0]}")
-    from peftbench.nlg_metrics import score_by_category
-    from peftbench.record import write_atomic
-
-    generation = [t for t in group_options("task") if {"_generation", "_qa"} & set(task_defaults(t))]
-    if opts["task"] not in generation:
-        if opts["task"] in group_options("task"):
-            raise UserError(
-                f"task {opts['task']} is not a generation task; choose from: {', '.join(generation)}"
-            )
-        raise choice_error("task", opts["task"], generation)
-    task = compose([f"task={opts['task']}"]).task
-    split = opts.get("split", "test")
-    path = Path(opts["predictions"])
-    if not path.is_file():
-        raise UserError(f"predictions file {path} does not exist")
-    hyps = path.read_text(encoding="utf-8").splitlines()
-    from hydra.utils import get_method
-
-    load_split = get_method(task._target_.rsplit(".", 1)[0] + ".load_split")  # generation.py, qa.py
-    entries, source = load_split(task, split)
-    if len(hyps) != len(entries):
-        raise UserError(
-            f"{path} has {len(hyps)} lines but {task.name} {split} has {len(entries)} distinct inputs: "
-            f"expected {len(entries)} (one output per line, in the order of {source})"
-        )
-    result = {name: s.as_dict() for name, s in score_by_category(task.scorer, hyps, entries).items()}
-    print(f"{task.name} {split} ({len(entries)} inputs, {source}); official scorer: {task.scorer}")
-    for name, values in result.items():
-        cells = [f"{k}={'n/a' if v is None else f'{v:.4f}'}" for k, v in values.items() if k != "unavailable"]
-        print(f"  {name:<7} " + "  ".join(cells))
-        for metric, why in values["unavailable"].items():
-            print(f"  {name:<7} {metric} unavailable: {why}")
+    opts = score.parse(args)
+    record = score.score_file(opts)
     if opts.get("out"):
-        record = {"task": task.name, "split": split, "predictions": str(path), "scores": result}
-        write_atomic(Path(opts["out"]), json.dumps(record, indent=2) + "\n")
-        print(f"wrote {opts['out']}")
+        score.write(record, opts["out"])
     return 0
-
-
-def task_defaults(name: str) -> list:
-    """The bases a task YAML composes (`defaults:`), read without composing it."""
-    return list(OmegaConf.load(config_dir() / "task" / f"{name}.yaml").get("defaults") or [])
 
 
 if __name__ == "__main__":

@@ -131,26 +131,6 @@ def family(model_cfg: DictConfig, lm: bool = False, span: bool = False) -> Famil
     return replace(fam, head=())
 
 
-def uses_lm(cfg: DictConfig) -> bool:
-    """The model keeps its own LM head: prompt format (answer choices scored by it) or generation."""
-    return cfg.task.get("format", "head") == "prompt" or (
-        cfg.task.kind == "generation" and not span_head(cfg)
-    )
-
-
-def span_head(cfg: DictConfig) -> bool:
-    """An extractive QA task on an encoder-only model: a span-extraction head instead of generation."""
-    return bool(cfg.task.get("extractive")) and family(cfg.model).kind == "encoder"
-
-
-def meta_model(cfg: DictConfig) -> tuple[torch.nn.Module, Family]:
-    """A run config's model on the meta device, with its family (head or LM head, as the task format says)."""
-    lm, span = uses_lm(cfg), span_head(cfg)
-    n_labels = max(1, len(cfg.task.labels or []))
-    kind = "span" if span else cfg.task.kind
-    return build_meta(cfg.model, kind, n_labels, lm=lm), family(cfg.model, lm, span)
-
-
 LM_CLASSES = {
     "encoder": transformers.AutoModelForMaskedLM,  # PET-style: the answer at [MASK] positions
     "decoder": transformers.AutoModelForCausalLM,  # the answer continues the prompt
@@ -312,3 +292,15 @@ def count(model: torch.nn.Module, head: tuple[str, ...] = ()) -> dict[str, int]:
         "trainable_without_head": trainable - head_trainable,
         "head": head_total,
     }
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a DistributedDataParallel and a peft wrapper (or the model itself)."""
+    model = inner(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def inner(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under a DistributedDataParallel wrapper, for its methods (`get_encoder`, ...); forward passes
+    that train go through the wrapper, which synchronises the gradients."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

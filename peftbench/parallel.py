@@ -21,10 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from peftbench.models import transformer_blocks
-from peftbench.prompting import base_model
-
-FSDP_METHODS = ("full", "ft_top2", "bitfit")  # their trained tensors are the model's own weights
+from peftbench.models import base_model, transformer_blocks
 
 
 def shard(model: torch.nn.Module, blocks: tuple[str, ...], device: torch.device, mixed_precision: str):

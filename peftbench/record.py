@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from peftbench.errors import UserError
+from peftbench.errors import UserError, disk_full_is_user_error
 
 # train.* settings that do not change what a run computes (where it writes, how it reports progress).
 NON_SEMANTIC_TRAIN_KEYS = {
@@ -97,3 +97,12 @@ def check_writable(folder: Path) -> None:
         raise UserError(
             f"results folder {str(folder)!r} is not writable ({e.strerror}); set paths.results=DIR"
         ) from None
+
+
+def save_record(path: Path | None, record: dict[str, Any]) -> None:
+    if path is None:  # not the main process
+        return
+    with disk_full_is_user_error(
+        f"the record {path}", "the last checkpoint is kept and the rerun resumes from it"
+    ):
+        write_record(path, record)

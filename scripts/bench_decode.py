@@ -41,8 +41,8 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     from torch.utils.data import DataLoader
 
-    from peftbench.cli import compose
-    from peftbench.generation import GenerationBatcher, decode_all, encode_eval
+    from peftbench.config import compose
+    from peftbench.formats.generation import GenerationFormat, decode_all, encode_eval
     from peftbench.models import family, load_model
     from peftbench.tasks import load_task
 
@@ -57,11 +57,12 @@ def main() -> None:
             *([f"model.path={a.path}"] if a.path else []),
         ]
     )
-    kind = family(cfg.model, True).kind
+    fam = family(cfg.model, True)
+    kind = fam.kind
     rows = load_task(cfg.task, seed=0).validation[: a.n]
     model, tok = load_model(cfg.model, "generation", 1, lm=True)
     model.to(a.device).eval()
-    batcher = GenerationBatcher(tok, kind, cfg.task)
+    batcher = GenerationFormat(cfg, None, tok, fam)
     feats = encode_eval(rows, cfg.task, tok, kind)
 
     def to_dev(batch):

@@ -45,7 +45,7 @@ def worker(a: argparse.Namespace) -> dict:
     sys.path.insert(0, os.path.dirname(__file__))
     from bench_latency import build_base, make_inputs
 
-    from peftbench.cli import compose
+    from peftbench.config import compose
     from peftbench.methods import apply_method
     from peftbench.models import count, family
 

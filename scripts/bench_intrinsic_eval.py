@@ -25,8 +25,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    from peftbench.cli import compose
-    from peftbench.run import evaluate, prepare
+    from peftbench.config import compose
+    from peftbench.evaluate import evaluate
+    from peftbench.setup import prepare
 
     cfg = compose([f"model={a.model}", "method=intrinsic", f"method.d={a.d}", f"task={a.task}",
                    f"train.num_threads={a.threads}"])  # fmt: skip
@@ -37,7 +38,7 @@ def main() -> None:
         sub.deltas()
     write = time.perf_counter() - t
     t = time.perf_counter()
-    reused = evaluate(model, s.eval_loader, s, cfg)
+    reused = evaluate(model, s.eval_loader, s)
     once = time.perf_counter() - t
 
     def touch(module, args):
@@ -46,7 +47,7 @@ def main() -> None:
 
     handle = model.register_forward_pre_hook(touch, prepend=True)
     t = time.perf_counter()
-    every = evaluate(model, s.eval_loader, s, cfg)
+    every = evaluate(model, s.eval_loader, s)
     each = time.perf_counter() - t
     handle.remove()
     print(f"{a.model} {a.task} d={a.d} ({sub.kind}), {len(s.eval_loader)} batches: one write {write:.2f} s")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from peftbench.cli import compose
+from peftbench.config import compose
 from peftbench.methods import apply_method, finish
 from peftbench.models import family, hf_config
 

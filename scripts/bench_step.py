@@ -35,7 +35,7 @@ COMMON = [
 
 
 def worker_peftbench(args) -> dict:
-    from peftbench.cli import compose
+    from peftbench.config import compose
     from peftbench.run import execute
 
     cfg = compose([f"model={args.model}", f"method={args.method}", f"train.max_steps={args.steps}", *COMMON])
@@ -63,7 +63,7 @@ def worker_bare(args) -> dict:
         get_linear_schedule_with_warmup,
     )
 
-    from peftbench.cli import compose
+    from peftbench.config import compose
     from peftbench.models import model_source
     from peftbench.tasks import load_task
 

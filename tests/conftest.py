@@ -24,7 +24,7 @@ DATA = Path(os.environ["PEFTBENCH_DATA_DIR"]) if os.environ.get("PEFTBENCH_DATA_
 @pytest.fixture
 def compose(tmp_path, monkeypatch):
     """Compose the app's config with overrides, results going to a temp folder."""
-    from peftbench.cli import compose as _compose
+    from peftbench.config import compose as _compose
 
     monkeypatch.setenv("PEFTBENCH_RESULTS_DIR", str(tmp_path / "results"))
 
@@ -52,7 +52,7 @@ def overfit(setup, lr: float, steps: int, first_grads: set[str] | None = None) -
     setup.model.eval()
     losses = []
     for _ in range(steps):
-        loss = setup.batcher.loss(setup.model, batch)
+        loss = setup.fmt.loss(setup.model, batch)
         loss.backward()
         if first_grads is not None and not losses:
             first_grads.update(n for n, p in setup.model.named_parameters() if p.grad is not None)

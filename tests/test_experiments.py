@@ -8,10 +8,11 @@ from conftest import QUICK, require_data
 from omegaconf import ListConfig, OmegaConf
 
 from peftbench import experiment
-from peftbench.cli import compose as cli_compose
 from peftbench.cli import main, warm_started
+from peftbench.config import compose as cli_compose
 from peftbench.metrics import produced
 from peftbench.paths import group_options
+from peftbench.report import presets
 from peftbench.validate import validate
 
 PRESETS = group_options("experiment")
@@ -70,7 +71,7 @@ def test_lora_glue_table_has_the_papers_layout():
         for s in range(5)
     ]
     records.append(fake("FT*", "rte", 0, 70.0, status="failed"))
-    rows = experiment.table(preset, records)
+    rows = presets.table(preset, records)
     assert [r["method"] for r in rows] == [
         "FT*",
         "BitFit*",
@@ -127,7 +128,8 @@ def test_lora_init_from_starts_from_the_other_runs_weights(compose):
     import torch
     from safetensors.torch import load_file
 
-    from peftbench.run import execute, prepare
+    from peftbench.run import execute
+    from peftbench.setup import prepare
 
     first = execute(compose("task=rte", "model=tiny-bert", "method=lora", "train.lr=0.01", *QUICK[:-1]))
     folder = first["adapter"]["path"]
@@ -173,7 +175,7 @@ def test_experiment_table_check_and_plot(tmp_path, capsys):
     assert main(["plot", "offline_minilm", "--results", str(tmp_path)]) == 0
     png = folder / "lora_rank_sst2.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    series = experiment.plot_series(
+    series = presets.plot_series(
         experiment.load_preset("offline_minilm"),
         OmegaConf.create(experiment.load_preset("offline_minilm").plots[0]),
         [json.loads(p.read_text()) for p in folder.glob("*.json")],
@@ -219,7 +221,7 @@ def test_multi_metric_columns_and_superglue_average():
         rec = fake("CLS-FT", task, 0, 0.0)
         rec["best"]["metrics"] = metrics
         records.append(rec)
-    (row,) = experiment.table(preset, records)
+    (row,) = presets.table(preset, records)
     assert (
         row["cb acc"] == "85.1 (n=1)" and row["cb mF1"] == "73.9 (n=1)" and row["multirc em"] == "16.2 (n=1)"
     )
@@ -236,7 +238,7 @@ def test_prefix_table_layout_and_efficiency_columns():
         train={"train_s": 120.2, "tokens_per_s": 3500.0},
         cost={"disk_bytes": 1966080},
     )
-    rows = experiment.table(preset, [rec], with_efficiency=True)
+    rows = presets.table(preset, [rec], with_efficiency=True)
     prefix = next(r for r in rows if r["method"] == "PREFIX(0.1%)")
     assert prefix["E2E BLEU"] == "69.0 (n=1) [paper 69.7, Δ -0.7]"
     assert prefix["E2E NIST"] == "8.50 (n=1) [paper 8.81, Δ -0.31]"

@@ -11,7 +11,7 @@ import pytest
 from conftest import require_data
 
 from peftbench.errors import UserError
-from peftbench.generation import GenerationBatcher, encode_eval, encode_train
+from peftbench.formats.generation import GenerationFormat, encode_eval, encode_train
 
 ROWS = [
     {"idx": 0, "source": "name : The Vaults | Type : pub", "target": "The Vaults is a pub."},
@@ -27,9 +27,9 @@ def setup(compose, model, *more):
     from peftbench.models import family, load_model
 
     cfg = compose("task=e2e", f"model={model}", "method=full", *more)
-    kind = family(cfg.model, True).kind
+    fam = family(cfg.model, True)
     net, tok = load_model(cfg.model, "generation", 1, lm=True)
-    return cfg, kind, net.eval(), tok, GenerationBatcher(tok, kind, cfg.task)
+    return cfg, fam.kind, net.eval(), tok, GenerationFormat(cfg, None, tok, fam)
 
 
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-t5", "tiny-bart"])
@@ -79,11 +79,12 @@ def run(compose, *overrides):
 
 def untrained_scores(compose, *overrides):
     """The same evaluation on the untrained model (the bar the trained one must clear)."""
-    from peftbench.run import evaluate, prepare
+    from peftbench.evaluate import evaluate
+    from peftbench.setup import prepare
 
     cfg = compose(*overrides)
     s = prepare(cfg, {})
-    return evaluate(s.model, s.eval_loader, s, cfg)["metrics"]
+    return evaluate(s.model, s.eval_loader, s)["metrics"]
 
 
 E2E = ["task=e2e", "model=small-gpt2", "task.decode.strategy=greedy", "task.decode.max_new_tokens=32"]
@@ -141,7 +142,7 @@ def test_dart_trains_offline_on_its_dev_file_and_says_train_is_missing(compose):
     """The offline copy has DART's dev and test only: training on train is one line naming the file and the
     hub; task.train_split=validation trains on dev and evaluates on test."""
     require_data()
-    from peftbench.cli import compose as compose_cfg
+    from peftbench.config import compose as compose_cfg
     from peftbench.tasks import load_task
 
     with pytest.raises(UserError, match="dart-v1.1.1-full-train.json.*Yale-LILY/dart"):
@@ -206,7 +207,7 @@ def test_text_only_trains_a_plain_language_model_of_the_references(compose):
     their source, so GPT-2 sees `<|endoftext|> reference <|endoftext|>` with the loss on every reference
     token; the evaluation inputs keep their linearised triples."""
     require_data()
-    from peftbench.cli import compose as compose_cfg
+    from peftbench.config import compose as compose_cfg
     from peftbench.tasks import load_task
 
     cfg = compose_cfg(["task=webnlg", "task.text_only=true", "model=tiny-gpt2"])

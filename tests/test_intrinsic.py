@@ -42,7 +42,7 @@ def test_walsh_hadamard_and_fastfood_equal_their_matrices():
 )
 def test_exactly_d_trainable_and_theta0_at_zero(compose, extra, d, kind):
     require_data()
-    from peftbench.run import prepare
+    from peftbench.setup import prepare
 
     plain = prepare(compose("model=tiny-bert", "method=full", *QUICK), {})
     record: dict = {}
@@ -58,8 +58,8 @@ def test_exactly_d_trainable_and_theta0_at_zero(compose, extra, d, kind):
     batch = next(iter(setup.eval_loader))
     plain.model.eval(), model.eval()
     with torch.no_grad():
-        a = setup.batcher.logits(plain.model, batch)
-        b = setup.batcher.logits(model, batch)
+        a = setup.fmt.logits(plain.model, batch)
+        b = setup.fmt.logits(model, batch)
     assert torch.equal(a, b)  # θ_d = 0: bit for bit the model it started from
     weights = dict(plain.model.named_parameters())
     assert all(
@@ -72,7 +72,7 @@ def test_exactly_d_trainable_and_theta0_at_zero(compose, extra, d, kind):
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-gpt2", "tiny-t5"])
 def test_loss_falls_through_theta_d_alone(compose, model):
     require_data()
-    from peftbench.run import prepare
+    from peftbench.setup import prepare
 
     setup = prepare(compose(f"model={model}", "method=intrinsic", "method.d=2000", *QUICK), {})
     theta0 = {n: b.clone() for n, b in setup.model.named_buffers() if n.endswith("_theta0")}
@@ -89,7 +89,7 @@ def test_evaluation_reuses_the_written_weights_until_theta_changes(compose):
     """The pre-hook computes θ₀ + P θ_d once for consecutive no-grad forwards (an evaluation), again after an
     optimizer step changes θ_d, and on every forward that builds a graph; outputs always match θ_d."""
     require_data()
-    from peftbench.run import prepare
+    from peftbench.setup import prepare
 
     setup = prepare(compose("model=tiny-bert", "method=intrinsic", "method.d=50", *QUICK), {})
     model, sub = setup.model, setup.model.intrinsic
@@ -99,20 +99,20 @@ def test_evaluation_reuses_the_written_weights_until_theta_changes(compose):
     batch = next(iter(setup.train_loader))
     model.eval()
     with torch.no_grad():
-        first = setup.batcher.logits(model, batch)
-        again = setup.batcher.logits(model, batch)
+        first = setup.fmt.logits(model, batch)
+        again = setup.fmt.logits(model, batch)
     assert len(calls) == 1 and torch.equal(first, again)
     opt = torch.optim.AdamW([sub.theta], lr=0.1)
-    setup.batcher.loss(model, batch).backward()
+    setup.fmt.loss(model, batch).backward()
     assert len(calls) == 2  # a training forward always writes (its graph reaches θ_d)
     opt.step()
     with torch.no_grad():
-        moved = setup.batcher.logits(model, batch)
-        moved_again = setup.batcher.logits(model, batch)
+        moved = setup.fmt.logits(model, batch)
+        moved_again = setup.fmt.logits(model, batch)
     assert len(calls) == 3 and torch.equal(moved, moved_again) and not torch.equal(moved, first)
     with torch.no_grad():  # what a fresh write of the current θ_d gives
         sub.theta.add_(0.0)  # an in-place write: the next forward recomputes
-        fresh = setup.batcher.logits(model, batch)
+        fresh = setup.fmt.logits(model, batch)
     assert len(calls) == 4 and torch.equal(fresh, moved)
 
 
@@ -125,7 +125,7 @@ def test_paper_model_counts_on_the_meta_device(compose):
 def test_bad_settings_are_one_line_errors(compose):
     require_data()
     from peftbench.errors import UserError
-    from peftbench.run import prepare
+    from peftbench.setup import prepare
 
     with pytest.raises(UserError, match="SAID spends one of the d numbers"):
         prepare(compose("model=tiny-bert", "method=intrinsic", "method.d=10", "method.said=true", *QUICK), {})

@@ -50,7 +50,7 @@ def test_submitit_local_launcher_runs_a_2_point_sweep(tmp_path):
 def test_slurm_launcher_config_composes_with_its_defaults():
     from hydra import compose as hydra_compose
 
-    from peftbench.cli import compose
+    from peftbench.config import compose
 
     compose([])  # peftbench's Hydra instance, on its config folder (it stays initialised)
     cfg = hydra_compose(

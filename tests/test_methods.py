@@ -38,7 +38,7 @@ def test_new_method_matrix(compose, method, model):
     """Overfit 16 RTE pairs: loss falls, the base stays bit-identical, gradients reach only the method's
     parameters and the head. A pair that does not apply raises its reason."""
     require_data()
-    from peftbench.run import prepare
+    from peftbench.setup import prepare
 
     cfg = compose(*overrides(method, model))
     fam = family(cfg.model)
@@ -72,7 +72,7 @@ BERT_METHODS = list(OWN)
 @pytest.mark.parametrize("method", BERT_METHODS)
 def test_real_minilm_overfits(compose, method):
     require_data()
-    from peftbench.run import prepare
+    from peftbench.setup import prepare
 
     # The MLP-reparameterised prefix needs far more steps than 20 (Li & Liang train for epochs at 5e-5); the
     # prefix itself (mlp=false) must fit the batch as fast as the other methods.
@@ -181,7 +181,7 @@ def test_prefix_tuning_not_applicable_to_deberta(compose):
 def trained(compose, method, model, *more):
     """A model with the method applied and its trainable weights set to random values (as after training),
     plus one batch."""
-    from peftbench.run import prepare
+    from peftbench.setup import prepare
 
     cfg = compose(*overrides(method, model, *more))
     setup = prepare(cfg, {})
@@ -210,13 +210,13 @@ def test_own_methods_save_and_reload_to_identical_logits(compose, tmp_path, meth
     require_data()
     cfg, setup, batch = trained(compose, method, model)
     with torch.no_grad():
-        expected = setup.batcher.logits(setup.model, batch)
+        expected = setup.fmt.logits(setup.model, batch)
     assert save_trainable(setup.model, tmp_path).endswith("safetensors")
     assert (tmp_path / "method.json").exists()
     base, _ = load_model(cfg.model, "classification", 2)
     loaded = load_trainable(base, tmp_path, family(cfg.model)).eval()
     with torch.no_grad():
-        assert torch.equal(setup.batcher.logits(loaded, batch), expected)
+        assert torch.equal(setup.fmt.logits(loaded, batch), expected)
 
 
 def test_adapter_budget_reload_uses_the_solved_bottleneck(compose, tmp_path):
@@ -230,7 +230,7 @@ def test_adapter_budget_reload_uses_the_solved_bottleneck(compose, tmp_path):
     base, _ = load_model(cfg.model, "classification", 2)
     loaded = load_adapters(base, tmp_path, family(cfg.model)).eval()
     with torch.no_grad():
-        assert torch.equal(setup.batcher.logits(loaded, batch), setup.batcher.logits(setup.model, batch))
+        assert torch.equal(setup.fmt.logits(loaded, batch), setup.fmt.logits(setup.model, batch))
 
 
 def test_ia3_peft_checkpoint_reloads_with_peft(compose, tmp_path):
@@ -242,7 +242,7 @@ def test_ia3_peft_checkpoint_reloads_with_peft(compose, tmp_path):
     base, _ = load_model(cfg.model, "classification", 2)
     loaded = PeftModel.from_pretrained(base, tmp_path).eval()
     with torch.no_grad():
-        assert torch.equal(setup.batcher.logits(loaded, batch), setup.batcher.logits(setup.model, batch))
+        assert torch.equal(setup.fmt.logits(loaded, batch), setup.fmt.logits(setup.model, batch))
 
 
 PEFT_SAVED = [("lora", "tiny-roberta"), ("lora", "tiny-t5"), ("ia3", "tiny-bert"), ("ia3", "tiny-t5")]
@@ -273,7 +273,7 @@ def test_peft_adapters_reload_in_a_fresh_process_to_identical_logits(compose, tm
         OmegaConf.save(cfg.model, folder / "model.yaml", resolve=True)
         torch.save(batch, folder / "batch.pt")
         with torch.no_grad():
-            expected[folder.name] = setup.batcher.logits(setup.model, batch)
+            expected[folder.name] = setup.fmt.logits(setup.model, batch)
         files = {"model": "model.yaml", "adapter": "", "batch": "batch.pt", "out": "logits.pt"}
         jobs.append({k: str(folder / f) for k, f in files.items()})
     _, err = reload.communicate(json.dumps(jobs), timeout=120)
@@ -293,22 +293,22 @@ def test_merged_equals_unmerged(compose, method, model):
 
     _, setup, batch = trained(compose, method, model)
     with torch.no_grad():
-        unmerged = setup.batcher.logits(setup.model, batch)
+        unmerged = setup.fmt.logits(setup.model, batch)
         merged_model = finish(setup.model)
         assert not any(isinstance(m, (FusedIA3, FusedLoRA)) for m in merged_model.modules())
         assert not any(k in n for n, _ in merged_model.named_parameters() for k in ("ia3_", "lora_"))
-        assert torch.allclose(setup.batcher.logits(merged_model, batch), unmerged, atol=1e-5)
+        assert torch.allclose(setup.fmt.logits(merged_model, batch), unmerged, atol=1e-5)
 
 
 def test_prefix_mlp_dropped_after_training_gives_the_same_logits(compose):
     require_data()
     _, setup, batch = trained(compose, "prefix_tuning", "tiny-gpt2")
     with torch.no_grad():
-        before = setup.batcher.logits(setup.model, batch)
+        before = setup.fmt.logits(setup.model, batch)
         model = finish(setup.model)
         assert not hasattr(model.prefix_encoder, "mlp")
         assert sum(p.numel() for p in model.prefix_encoder.parameters()) == 10 * 2 * 2 * 32
-        assert torch.allclose(setup.batcher.logits(model, batch), before, atol=1e-5)
+        assert torch.allclose(setup.fmt.logits(model, batch), before, atol=1e-5)
 
 
 # --- inits, faithfulness details --------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def test_prompt_head_reads_the_real_tokens(compose):
     hidden = {}
     setup.model.base_model.register_forward_hook(lambda m, a, o: hidden.update(h=o.last_hidden_state))
     with torch.no_grad():
-        setup.batcher.logits(setup.model, batch)
+        setup.fmt.logits(setup.model, batch)
     assert hidden["h"].shape[1] == batch["input_ids"].shape[1]  # prompt positions dropped after the backbone
 
 

@@ -8,10 +8,10 @@ import pytest
 from conftest import require_data
 
 from peftbench import metrics as M
-from peftbench import nlg_metrics as N
-from peftbench.cli import compose as compose_cfg
 from peftbench.cli import main
+from peftbench.config import compose as compose_cfg
 from peftbench.errors import UserError
+from peftbench.metrics import nlg as N
 from peftbench.tasks import load_task
 from peftbench.tasks.generation import load_split
 

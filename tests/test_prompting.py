@@ -10,8 +10,9 @@ import torch
 from conftest import QUICK, overfit, require_data
 
 from peftbench.errors import UserError
+from peftbench.formats.logprobs import tfew_loss
+from peftbench.formats.prompt import RankBatcher, format_prompt
 from peftbench.models import family
-from peftbench.prompting import RankBatcher, format_prompt, tfew_loss
 
 PROMPT = ["task=rte", "task.format=prompt", "task.max_length=48", "train.max_train_samples=8"]
 
@@ -51,15 +52,15 @@ def test_tfew_losses_on_a_two_example_batch():
 )
 def test_each_family_scores_the_answer_tokens(compose, model):
     require_data()
-    from peftbench.run import prepare
+    from peftbench.setup import prepare
 
     cfg = compose(f"model={model}", "method=lora", *PROMPT, "train.max_eval_samples=4")
     s = prepare(cfg, {})
-    tok = s.batcher.tokenizer
+    tok = s.fmt.tokenizer
     feature = s.eval_loader.dataset[0]
     context, choices = format_prompt(cfg.task, s.task.validation[0])
     assert choices == ["True", "False"] and context.endswith("True or False? Answer:")
-    for seq, choice in zip(s.batcher.sequences(feature), choices):
+    for seq, choice in zip(s.fmt.sequences(feature), choices):
         scored = [t for t in seq["labels"] if t != -100]
         assert tok.decode(scored, skip_special_tokens=True).strip().lower() == choice.lower()  # BERT: uncased
         kind = family(cfg.model).kind
@@ -69,7 +70,7 @@ def test_each_family_scores_the_answer_tokens(compose, model):
             masked = [i for i, t in zip(seq["input_ids"], seq["labels"]) if t != -100]
             assert masked == [tok.mask_token_id] * len(scored)
     batch = next(iter(s.eval_loader))
-    logits = s.batcher.logits(s.model.eval(), batch)
+    logits = s.fmt.logits(s.model.eval(), batch)
     assert logits.shape == (4, 2) and torch.isfinite(logits).all()
 
 
@@ -79,7 +80,7 @@ def test_shared_context_scores_equal_one_sequence_per_choice(compose, model):
     key/value cache, T5 / BART: one encoder pass, masked LM: one sequence per answer length) gives the
     token log-probs, the T-Few loss and the gradients of one sequence per choice."""
     require_data()
-    from peftbench.run import prepare
+    from peftbench.setup import prepare
 
     cfg = compose(
         f"model={model}",
@@ -94,7 +95,7 @@ def test_shared_context_scores_equal_one_sequence_per_choice(compose, model):
         "+model.dims.initializer_range=0.5" if model != "tiny-t5" else "seed=42",
     )
     s = prepare(cfg, {})
-    shared = s.batcher
+    shared = s.fmt
     assert shared.share_context
     single = RankBatcher(shared.tokenizer, shared.kind, cfg.train, share_context=False)
     features = list(s.eval_loader.dataset)
@@ -152,7 +153,7 @@ def test_method_matrix_through_the_lm_head(compose, method, model):
     """No new head: only the method's own parameters train (the LM head and the base stay bit-identical),
     and the LM loss on the right answers falls."""
     require_data()
-    from peftbench.run import prepare
+    from peftbench.setup import prepare
 
     more = ["method.hidden=32"] if method == "p_tuning" else []
     if model != "tiny-t5":  # GPT-2 BPE LMs at init 0.02 predict ~uniformly over 50,257 tokens: a sharper init
@@ -315,7 +316,7 @@ def test_p_tuning_fills_the_anchored_template_slots(compose, model):
     """P-tuning's placement: the prompt encoder's 3 vectors sit in the [P] slots between the anchor tokens
     ("?", "Answer:"), not in front; the slots are in every choice's input and the loss falls."""
     require_data()
-    from peftbench.run import prepare
+    from peftbench.setup import prepare
 
     cfg = compose(
         f"model={model}",
@@ -331,9 +332,9 @@ def test_p_tuning_fills_the_anchored_template_slots(compose, model):
         *([] if model == "tiny-t5" else ["+model.dims.initializer_range=0.5"]),  # as in the matrix above
     )
     s = prepare(cfg, {})
-    seq = s.batcher.sequences(s.train_loader.dataset[0])[0]["input_ids"]
+    seq = s.fmt.sequences(s.train_loader.dataset[0])[0]["input_ids"]
     assert [i for i in seq if i < 0] == [-1, -2, -3]
-    tail = s.batcher.tokenizer.decode([i for i in seq[seq.index(-3) + 1 :] if i >= 0])
+    tail = s.fmt.tokenizer.decode([i for i in seq[seq.index(-3) + 1 :] if i >= 0])
     assert "answer:" in tail.lower().replace(" ", "")  # WordPiece (BERT, ALBERT here) is uncased
     losses = overfit(s, lr=3e-2, steps=15)
     assert losses[-1] < losses[0] - 0.1, losses  # 3 vectors steer a frozen random model: nats, not factors
@@ -355,7 +356,7 @@ def test_albert_p_tuning_encoders_train_through_the_mlm_head(compose, encoder):
     """The P-tuning few-shot tables' setting on a tiny ALBERT: the prompt encoder's vectors (ALBERT's
     factorised embedding width, 16 here, not its hidden 32) in the anchored template, backbone tuned."""
     require_data()
-    from peftbench.run import prepare
+    from peftbench.setup import prepare
 
     cfg = compose(
         "model=tiny-albert",

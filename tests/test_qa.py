@@ -17,10 +17,13 @@ from conftest import overfit
 from peftbench import experiment
 from peftbench.cli import main
 from peftbench.errors import UserError
+from peftbench.formats.span import best_answers, encode_spans
 from peftbench.methods.prompt import prompted_inputs
-from peftbench.nlg_metrics import answer_f1, score
-from peftbench.run import execute, prepare
-from peftbench.span import best_answers, encode_spans
+from peftbench.metrics.nlg import score
+from peftbench.metrics.qa import answer_f1
+from peftbench.report import presets
+from peftbench.run import execute
+from peftbench.setup import prepare
 from peftbench.tasks import load_task
 from peftbench.tasks.qa import _from_hub
 
@@ -158,9 +161,9 @@ def test_span_windows_label_the_answer_and_the_best_span_recovers_it(compose, da
     cfg = compose("task=squad", "model=tiny-bert", "task.max_length=24", "task.doc_stride=8")
     setup = prepare(cfg, {})
     rows = setup.task.validation
-    features = encode_spans(rows, cfg.task, setup.batcher.tokenizer)
+    features = encode_spans(rows, cfg.task, setup.fmt.tokenizer)
     assert len(features) > 1.5 * len(rows)  # windows
-    tok = setup.batcher.tokenizer
+    tok = setup.fmt.tokenizer
     by_idx = {r["idx"]: r for r in rows}
     labelled = set()
     for f in features:
@@ -271,7 +274,7 @@ def test_span_head_method_matrix(compose, data, method):
 
 def test_prompt_tuning_domain_table_layout_and_delta():
     preset = experiment.load_preset("prompt_tuning_domain")
-    empty = experiment.table(preset, [])
+    empty = presets.table(preset, [])
     assert [line["dataset"] for line in empty] == [
         "SQuAD",
         "TextbookQA",
@@ -290,7 +293,7 @@ def test_prompt_tuning_domain_table_layout_and_delta():
                 "best": {"metrics": {"f1": f1, "f1_textbookqa": tb}}}  # fmt: skip
 
     records = [rec("Model tuning", 0, 90.0, 50.0), rec("Model tuning", 1, 92.0, 52.0), rec("Prompt tuning", 0, 91.0, 60.0)]  # fmt: skip
-    lines = experiment.table(preset, records)
+    lines = presets.table(preset, records)
     assert lines[0]["Model tuning"] == "91.0 ± 1.4 (n=2) [paper 94.9 ± 0.2]"
     assert lines[1]["Δ"] == "+9.0 [paper +12.5]" and lines[2]["Δ"] == "missing [paper +1.2]"
 

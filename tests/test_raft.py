@@ -11,7 +11,7 @@ import pytest
 from conftest import require_data
 
 from peftbench.errors import UserError
-from peftbench.submit import RAFT_SUBSETS
+from peftbench.report.submit import RAFT_SUBSETS
 from peftbench.tasks import load_task
 
 # unlabelled test rows of this (pre-release) copy: the final release has 516 / 2,243 for OSE / SRI

@@ -89,7 +89,7 @@ def same_tensors(a: dict, b: dict) -> bool:
 def reference(tmp_path_factory):
     """The uninterrupted run (in-process: no start-up cost), shared by the fault tests."""
     require_data()
-    from peftbench.cli import compose
+    from peftbench.config import compose
 
     threads = torch.get_num_threads()
     results = tmp_path_factory.mktemp("reference")
@@ -346,7 +346,7 @@ def out_of_memory(monkeypatch) -> None:
     def loss(self, model, batch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("peftbench.data.Batcher.loss", loss)
+    monkeypatch.setattr("peftbench.formats.head.HeadFormat.loss", loss)
 
 
 RTE = ["model=tiny-bert", "task=rte", *QUICK]

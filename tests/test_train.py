@@ -89,7 +89,7 @@ def test_method_matrix_loss_falls_and_only_the_right_weights_move(compose, model
     require_data()
     from peftbench.methods import apply_method
     from peftbench.models import family, load_model
-    from peftbench.run import prepare
+    from peftbench.setup import prepare
 
     cfg = compose(
         f"model={model}",
@@ -125,7 +125,7 @@ def test_method_matrix_loss_falls_and_only_the_right_weights_move(compose, model
 @pytest.mark.parametrize("method", ["bitfit", "lora"])
 def test_real_minilm_overfits_with_few_trainable_weights(compose, method):
     require_data()
-    from peftbench.run import prepare
+    from peftbench.setup import prepare
 
     cfg = compose(
         "model=minilm",

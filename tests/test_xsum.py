@@ -7,7 +7,7 @@ import random
 import pytest
 
 from peftbench.cli import main
-from peftbench.nlg_metrics import score
+from peftbench.metrics.nlg import score
 from peftbench.run import execute
 
 WORDS = "the council said new homes would be built near the river after a vote on monday".split()
@@ -98,7 +98,7 @@ def test_tiny_bart_learns_the_summaries(compose, tmp_path, monkeypatch, method, 
 
 
 def test_prefix_xsum_preset_composes_and_prints_its_layout(capsys):
-    from peftbench.cli import compose
+    from peftbench.config import compose
     from peftbench.experiment import expand, load_preset
 
     preset = load_preset("prefix_xsum")

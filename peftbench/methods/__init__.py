@@ -2,12 +2,28 @@
 
 `apply` freezes what the method does not train and adds what it does; it may wrap the model (peft). It must
 work on the meta device too, so `peftbench params` can count any paper model without its weights.
+
+The module of `_target_` declares what the method can do (`CAN = Capabilities(...)`; the defaults below are
+a method that trains some tensors of the model) and may define hooks the recipe calls when present:
+
+    check(cfg, fam, fmt)                          -> None; a UserError if the method does not fit the format
+    format_options(cfg, task, record)             -> dict of keyword arguments for the format's encoder
+    before_evaluate_only(model, fmt, cfg, task, device, record)   when nothing trains (ICL's calibration)
+    make_optimizer(params, model, train_cfg, method_cfg)  -> torch.optim.Optimizer (LoRA+'s groups)
+    on_train_start(model, total_steps, method_cfg)      before the first step (AdaLoRA's schedule)
+    adjust_loss(model, loss, method_cfg)          -> the loss to back-propagate (AdaLoRA's regulariser)
+    after_step(model, step, method_cfg)           after each optimizer step, before zero_grad (AdaLoRA)
+
+No list of method names exists outside this folder: the generic code asks `capabilities(cfg)` and `hook()`.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from hydra.utils import get_method
@@ -16,6 +32,29 @@ from safetensors.torch import load_file, save_file
 
 from peftbench.errors import UserError
 from peftbench.models import Family
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    exportable: bool = False  # the trained model is a plain transformers model (weights, or merged into them)
+    fsdp: bool = False  # the trained tensors are the model's own weights, so FSDP can shard them
+    changes_input: bool = False  # prepends to the sequence: no context pass shared between answer choices
+    trains: bool = True  # has parameters to train (in-context learning does not)
+    in_params_table: bool = True  # a row of `peftbench params`' default table
+
+
+def method_module(method_cfg: DictConfig) -> ModuleType:
+    """The module of the method's `_target_` (where its capabilities and hooks live)."""
+    return importlib.import_module(str(method_cfg._target_).rsplit(".", 1)[0])
+
+
+def capabilities(method_cfg: DictConfig) -> Capabilities:
+    return getattr(method_module(method_cfg), "CAN", Capabilities())
+
+
+def hook(method_cfg: DictConfig, name: str):
+    """The method's hook `name`, or None if its module defines none."""
+    return getattr(method_module(method_cfg), name, None)
 
 
 def apply_method(model: torch.nn.Module, method_cfg: DictConfig, fam: Family) -> torch.nn.Module:
@@ -90,12 +129,7 @@ def save_trainable(model: torch.nn.Module, folder: Path, state: dict | None = No
     if hasattr(model, "peft_config"):
         model.save_pretrained(folder)
         formats.append("peft")
-        saved_by_peft = {
-            n
-            for n, _ in model.named_parameters()
-            if ("lora_" in n or "ia3_l" in n) and ".base_layer." not in n
-        }
-        saved_by_peft |= {n for n, _ in model.named_parameters() if "modules_to_save" in n}
+        saved_by_peft = peft_tensors(model)
     if state is None:
         state = {n: p for n, p in model.named_parameters() if p.requires_grad}
     trained = {n: t.detach().contiguous().cpu() for n, t in state.items()}
@@ -109,6 +143,19 @@ def save_trainable(model: torch.nn.Module, folder: Path, state: dict | None = No
     if method is not None:
         (folder / "method.json").write_text(json.dumps(method, indent=2) + "\n")
     return "+".join(formats)
+
+
+def peft_tensors(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters peft's own save_pretrained writes: those of peft's tuner layers (not their
+    frozen base layers) and of its modules_to_save copies; our own modules (GPT-2's fused q|k|v LoRA / IA3)
+    are not among them."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            names |= {f"{prefix}.{n}" for n, _ in module.named_parameters() if not n.startswith("base_layer.")}
+    return names | {n for n, _ in model.named_parameters() if "modules_to_save" in n}
 
 
 METHOD_ATTR = "peftbench_method"

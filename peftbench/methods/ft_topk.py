@@ -10,8 +10,10 @@ import torch
 from omegaconf import DictConfig
 
 from peftbench.errors import UserError
-from peftbench.methods import freeze, positive_int, unfreeze, unfreeze_head
+from peftbench.methods import Capabilities, freeze, positive_int, unfreeze, unfreeze_head
 from peftbench.models import Family
+
+CAN = Capabilities(exportable=True, fsdp=True)  # its trained tensors are the model's own weights
 
 
 def apply(model: torch.nn.Module, cfg: DictConfig, fam: Family) -> torch.nn.Module:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from peftbench.methods import unfreeze
+from peftbench.methods import Capabilities, unfreeze
 from peftbench.models import Family
+
+CAN = Capabilities(exportable=True, fsdp=True)  # its trained tensors are the model's own weights
 
 
 def apply(model: torch.nn.Module, cfg: DictConfig, fam: Family) -> torch.nn.Module:

@@ -22,8 +22,10 @@ from omegaconf import DictConfig
 from peft import IA3Config, get_peft_model
 from torch import nn
 
-from peftbench.methods import freeze, remember, unfreeze_head
+from peftbench.methods import Capabilities, freeze, remember, unfreeze_head
 from peftbench.models import Family
+
+CAN = Capabilities(exportable=True)  # peft merges the vectors into the weights
 
 
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:

@@ -157,8 +157,24 @@ class Subspace(torch.nn.Module):
         return out
 
 
+Slots = list[list[tuple[torch.nn.Module, str]]]  # per covered tensor: the (module, attribute) holding it
+
+
 def apply(model: torch.nn.Module, cfg: DictConfig, fam: Family) -> torch.nn.Module:
-    excluded = list(cfg.exclude or [])
+    targets = _covered(model, list(cfg.exclude or []))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    subspace = Subspace(targets, cfg)
+    slots = _slots(model, targets)
+    _to_buffers(targets, slots)
+    model.add_module("intrinsic", subspace)
+    model.register_forward_pre_hook(_weight_writer(subspace, slots), with_kwargs=True)
+    return model
+
+
+def _covered(model: torch.nn.Module, excluded: list) -> list[tuple[str, torch.nn.Parameter]]:
+    """The weight tensors the subspace covers, in the model's order: each once (a tied one under its first
+    name that `method.exclude` does not match)."""
     targets, seen = [], set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen or any(fnmatch.fnmatch(name, pattern) for pattern in excluded):
@@ -167,23 +183,32 @@ def apply(model: torch.nn.Module, cfg: DictConfig, fam: Family) -> torch.nn.Modu
         targets.append((name, p))
     if not targets:
         raise UserError(f"method.exclude={excluded} leaves no weight in the subspace")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    subspace = Subspace(targets, cfg)
-    # every module slot that holds a covered tensor (a tied tensor has several), turned into a buffer θ₀
-    slots: list[list[tuple[torch.nn.Module, str]]] = [[] for _ in targets]
+    return targets
+
+
+def _slots(model: torch.nn.Module, targets: list[tuple[str, torch.nn.Parameter]]) -> Slots:
+    """Every module slot that holds a covered tensor (a tied tensor has several)."""
+    slots: Slots = [[] for _ in targets]
     index = {id(p): i for i, (_, p) in enumerate(targets)}
     for module in model.modules():
         for attr, p in list(module._parameters.items()):
             if p is not None and id(p) in index:
                 slots[index[id(p)]].append((module, attr))
+    return slots
+
+
+def _to_buffers(targets: list[tuple[str, torch.nn.Parameter]], slots: Slots) -> None:
+    """Each slot's parameter becomes a buffer θ₀ (`<attr>` + FROZEN_SUFFIX) and a plain tensor attribute."""
     for (_, p), where in zip(targets, slots):
         for module, attr in where:
             del module._parameters[attr]
             module.register_buffer(attr + FROZEN_SUFFIX, p.data, persistent=False)
             setattr(module, attr, p.data)
-    model.add_module("intrinsic", subspace)
 
+
+def _weight_writer(subspace: Subspace, slots: Slots):
+    """The forward pre-hook that writes θ₀ + P θ_d into every slot, skipped in a no-grad forward when θ_d (and
+    λ) are unchanged since its last write."""
     written = None  # which θ_d (and λ) the weights now hold
 
     def write_weights(module, args, kwargs):
@@ -198,5 +223,4 @@ def apply(model: torch.nn.Module, cfg: DictConfig, fam: Family) -> torch.nn.Modu
         written = key
         return args, kwargs
 
-    model.register_forward_pre_hook(write_weights, with_kwargs=True)
-    return model
+    return write_weights

@@ -13,13 +13,49 @@ from __future__ import annotations
 from omegaconf import DictConfig
 from torch import nn
 
-from peftbench.errors import choice_error
-from peftbench.methods import positive_int, remember, unfreeze
+from peftbench.errors import UserError, choice_error
+from peftbench.formats.prompt import SLOT
+from peftbench.methods import Capabilities, positive_int, remember, unfreeze
 from peftbench.methods.prompt import apply_prompt
 from peftbench.models import Family
 
 ENCODERS = ("lstm", "mlp", "emb")
 PLACEMENTS = ("prepend", "template")
+CAN = Capabilities(changes_input=True)
+
+
+def anchored(cfg: DictConfig) -> bool:
+    """The paper's placement: the prompt vectors fill the [P] slots of task.prompt.anchored."""
+    return cfg.method.get("placement") == "template"
+
+
+def format_options(cfg: DictConfig, task, record: dict) -> dict:
+    return {"anchored": anchored(cfg)}
+
+
+def check(cfg: DictConfig, fam: Family, fmt: str) -> None:
+    if fmt == "generation" and not (fam.kind == "encoder-decoder" and cfg.method.placement == "prepend"):
+        raise UserError(
+            "method=p_tuning cannot generate: its prompt is prepended in one forward call, which GPT-2's "
+            "step-by-step decoding does not repeat; use a T5 / BART model (method.placement=prepend), or "
+            "method=prefix_tuning"
+        )
+    if not anchored(cfg):
+        return
+    if fmt != "prompt":
+        raise UserError(
+            "method.placement=template fills the [P] slots of task.prompt.anchored: add task.format=prompt"
+        )
+    template = (cfg.task.get("prompt") or {}).get("anchored")
+    if not template:
+        raise UserError(
+            f"task {cfg.task.name} has no task.prompt.anchored template; use method.placement=prepend"
+        )
+    if template.count(SLOT) != cfg.method.length:
+        raise UserError(
+            f"method.length={cfg.method.length} but task.prompt.anchored has {template.count(SLOT)} [P] "
+            f"slots; set method.length={template.count(SLOT)}"
+        )
 
 
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:

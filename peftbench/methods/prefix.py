@@ -29,8 +29,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from peftbench.errors import UserError
-from peftbench.methods import freeze, positive_int, remember, unfreeze_head
+from peftbench.methods import Capabilities, freeze, positive_int, remember, unfreeze_head
 from peftbench.models import Family
+
+CAN = Capabilities(changes_input=True)  # key / value prefixes: one sequence per answer choice
 
 IMPL = "peftbench_prefix"
 ATTENTION = {

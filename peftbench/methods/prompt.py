@@ -71,65 +71,95 @@ def add_prompt(
     seq2seq = fam.kind == "encoder-decoder"
 
     def before(module, args, kwargs):
-        kwargs = dict(kwargs)
-        if args:
-            kwargs["input_ids"], args = args[0], args[1:]
-        ids = kwargs.pop("input_ids", None)
+        args, kwargs, ids = _take_input_ids(args, kwargs)
         if seq2seq and ids is None and kwargs.get("encoder_outputs") is not None:
             return args, kwargs  # generate()'s decoding steps: the encoder read [P; x] (prompted_inputs)
-        if ids is None or kwargs.get("position_ids") is not None or kwargs.get("encoder_outputs") is not None:
-            raise UserError(
-                "a soft prompt is prepended to input_ids in one forward call (training, rank classification); "
-                "step-by-step generate() is not supported with it: use method=prefix_tuning to generate"
-            )
-        if (
-            seq2seq
-            and kwargs.get("decoder_input_ids") is None
-            and kwargs.get("decoder_inputs_embeds") is None
-            and kwargs.get("labels") is None  # a seq2seq LM builds the decoder input from its labels
-        ):
+        _check_one_call(ids, kwargs)
+        if seq2seq and _no_decoder_input(kwargs):
             kwargs["decoder_input_ids"] = shift_right(model, ids)
-        slots = ids < 0
         embeds = backbone.get_input_embeddings()(ids.clamp(min=0))
         if placement == "template":
-            if slots.any() and int(-ids.min()) > encoder.n:
-                raise UserError(f"the template has {int(-ids.min())} [P] slots; set method.length to that")
-            prompt = encoder().to(embeds.dtype)[(-ids - 1).clamp(min=0)]
-            kwargs["inputs_embeds"] = torch.where(slots[..., None], prompt, embeds)
-            return args, kwargs
-        prompt = encoder().to(embeds.dtype).unsqueeze(0).expand(ids.shape[0], -1, -1)
-        kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
-        mask = kwargs.get("attention_mask")
-        if mask is None:
-            mask = torch.ones_like(ids)
-        kwargs["attention_mask"] = torch.cat([mask.new_ones(ids.shape[0], n), mask], dim=1)
-        if kwargs.get("token_type_ids") is not None:
-            tt = kwargs["token_type_ids"]
-            kwargs["token_type_ids"] = torch.cat([tt.new_zeros(ids.shape[0], n), tt], dim=1)
+            kwargs["inputs_embeds"] = _fill_slots(encoder, ids, embeds)
+        else:
+            _prepend(encoder, ids, embeds, kwargs, n)
         return args, kwargs
 
     def after(module, args, kwargs, output):
         if seq2seq or n == 0:  # the decoder's states (the head's input) have the original length already
             return output
-        output["last_hidden_state"] = output["last_hidden_state"][:, n:]
-        pooler = getattr(module, "pooler", None)
-        if pooler is not None and output.get("pooler_output") is not None:
-            output["pooler_output"] = pooler(output["last_hidden_state"])
-        return output
-
-    def encoder_reads_embeddings(module, args, kwargs):
-        if args or kwargs.get("input_ids") is not None:
-            raise UserError(
-                "the encoder of a soft-prompted T5 / BART was called with input_ids, which would skip the "
-                "prompt (model.generate(input_ids=...) does that): generate with "
-                "peftbench.methods.prompt.prompted_inputs(model, input_ids, attention_mask)"
-            )
+        return _drop_prompt_positions(module, output, n)
 
     backbone.register_forward_pre_hook(before, with_kwargs=True)
     backbone.register_forward_hook(after, with_kwargs=True)
     if seq2seq:  # the model's own forward hands the encoder [P; x] as inputs_embeds; anything else skips P
-        model.get_encoder().register_forward_pre_hook(encoder_reads_embeddings, with_kwargs=True)
+        model.get_encoder().register_forward_pre_hook(_encoder_reads_embeddings, with_kwargs=True)
     return model
+
+
+def _take_input_ids(args: tuple, kwargs: dict) -> tuple[tuple, dict, torch.Tensor | None]:
+    """The backbone call's input_ids (positional or keyword), and its other arguments without them."""
+    kwargs = dict(kwargs)
+    if args:
+        kwargs["input_ids"], args = args[0], args[1:]
+    ids = kwargs.pop("input_ids", None)
+    return args, kwargs, ids
+
+
+def _check_one_call(ids: torch.Tensor | None, kwargs: dict) -> None:
+    if ids is None or kwargs.get("position_ids") is not None or kwargs.get("encoder_outputs") is not None:
+        raise UserError(
+            "a soft prompt is prepended to input_ids in one forward call (training, rank classification); "
+            "step-by-step generate() is not supported with it: use method=prefix_tuning to generate"
+        )
+
+
+def _no_decoder_input(kwargs: dict) -> bool:
+    """A seq2seq call with no decoder input to use: the hook builds it from input_ids."""
+    return (
+        kwargs.get("decoder_input_ids") is None
+        and kwargs.get("decoder_inputs_embeds") is None
+        and kwargs.get("labels") is None  # a seq2seq LM builds the decoder input from its labels
+    )
+
+
+def _fill_slots(encoder: PromptEncoder, ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    """Placement "template": prompt vector k where the input has slot id -k, token embeddings elsewhere."""
+    slots = ids < 0
+    if slots.any() and int(-ids.min()) > encoder.n:
+        raise UserError(f"the template has {int(-ids.min())} [P] slots; set method.length to that")
+    prompt = encoder().to(embeds.dtype)[(-ids - 1).clamp(min=0)]
+    return torch.where(slots[..., None], prompt, embeds)
+
+
+def _prepend(encoder: PromptEncoder, ids: torch.Tensor, embeds: torch.Tensor, kwargs: dict, n: int) -> None:
+    """Placement "prepend": [P; E(x)] as inputs_embeds, attention_mask (and token_type_ids) extended by n."""
+    prompt = encoder().to(embeds.dtype).unsqueeze(0).expand(ids.shape[0], -1, -1)
+    kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    kwargs["attention_mask"] = torch.cat([mask.new_ones(ids.shape[0], n), mask], dim=1)
+    if kwargs.get("token_type_ids") is not None:
+        tt = kwargs["token_type_ids"]
+        kwargs["token_type_ids"] = torch.cat([tt.new_zeros(ids.shape[0], n), tt], dim=1)
+
+
+def _drop_prompt_positions(module: nn.Module, output, n: int):
+    """The backbone's output without the n prompt positions (a BERT-like's pooler rerun on what is left)."""
+    output["last_hidden_state"] = output["last_hidden_state"][:, n:]
+    pooler = getattr(module, "pooler", None)
+    if pooler is not None and output.get("pooler_output") is not None:
+        output["pooler_output"] = pooler(output["last_hidden_state"])
+    return output
+
+
+def _encoder_reads_embeddings(module, args, kwargs):
+    if args or kwargs.get("input_ids") is not None:
+        raise UserError(
+            "the encoder of a soft-prompted T5 / BART was called with input_ids, which would skip the "
+            "prompt (model.generate(input_ids=...) does that): generate with "
+            "peftbench.methods.prompt.prompted_inputs(model, input_ids, attention_mask)"
+        )
 
 
 def prompted_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:

@@ -9,12 +9,22 @@ from __future__ import annotations
 from omegaconf import DictConfig
 from torch import nn
 
-from peftbench.errors import choice_error
-from peftbench.methods import remember
+from peftbench.errors import UserError, choice_error
+from peftbench.methods import Capabilities, remember
 from peftbench.methods.prompt import apply_prompt
 from peftbench.models import Family
 
 INITS = ("random_uniform", "sampled_vocab", "class_label")
+CAN = Capabilities(changes_input=True)
+
+
+def check(cfg: DictConfig, fam: Family, fmt: str) -> None:
+    """Soft prompts generate with T5 / BART (the encoder reads the prompt once), not with GPT-2."""
+    if fmt == "generation" and fam.kind != "encoder-decoder":
+        raise UserError(
+            "method=prompt_tuning cannot generate: its prompt is prepended in one forward call, which GPT-2's "
+            "step-by-step decoding does not repeat; use a T5 / BART model, or method=prefix_tuning"
+        )
 
 
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:

@@ -6,7 +6,7 @@ offsets of them in the context, -1 where unknown], source, target}`. `source` / 
 text-to-text form T5 reads (Raffel et al. 2020's SQuAD format, used by Lester et al. 2021 for MRQA):
 `question: Q context: C` -> the first gold answer; an encoder (BERT / RoBERTa) instead predicts the
 answer's span in the context (peftbench/span.py). Both are scored with the SQuAD / MRQA evaluation script's
-F1 and exact match (peftbench.nlg_metrics.squad): normalised answers, the best gold answer per question.
+F1 and exact match (peftbench.metrics.qa.squad): normalised answers, the best gold answer per question.
 
 `task.transfer` names MRQA out-of-domain sets (`task.mrqa_sets`) evaluated zero-shot with the trained
 model's best weights after training (Lester et al.'s domain transfer: train on SQuAD, test on TextbookQA,

@@ -1,4 +1,4 @@
-"""Extractive QA with a span head (BERT / RoBERTa `...ForQuestionAnswering`: a start and an end logit per
+"""Span format: extractive QA with a span head (BERT / RoBERTa `...ForQuestionAnswering`: a start and an end logit per
 token), as BERT's `run_squad.py` and transformers' `run_qa.py` do it.
 
 - Encoding: `question [SEP] context`, the context cut into windows of `task.max_length` tokens that overlap
@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from peftbench.errors import UserError
+from peftbench.formats import Format
+from peftbench.formats.generation import score_outputs
 
 NEG = -1e4  # logits of the padding added to gather windows of different lengths
 
@@ -83,11 +85,21 @@ def answer_tokens(row: dict, offsets: list) -> list[int]:
     return [first, max(first, last)]
 
 
-class SpanBatcher:
+class SpanFormat(Format):
     """Collate (pad the windows), loss, and start / end logits of a span-extraction head."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    name = "span"
+    span = True
+
+    @classmethod
+    def check(cls, cfg: DictConfig) -> None:
+        check_stride(cfg.task)
+
+    def encode(self, rows: list[dict]) -> list[dict[str, Any]]:
+        return encode_spans(rows, self.cfg.task, self.tokenizer)
+
+    def evaluate(self, model, loader, ev, rows=None, name=None) -> dict[str, Any]:
+        return evaluate_spans(self, model, loader, ev, rows, name)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in features[0]]
@@ -138,3 +150,24 @@ def best_answers(
                 if f["idx"] not in best or score > best[f["idx"]][0]:
                     best[f["idx"]] = (score, contexts[f["idx"]][offsets[s][0] : offsets[e][1]])
     return {idx: text for idx, (_, text) in best.items()}
+
+
+@torch.no_grad()
+def evaluate_spans(fmt: SpanFormat, model: torch.nn.Module, loader, ev, rows=None, name=None) -> dict[str, Any]:
+    """Start / end logits of every window, the best span per question, scored like generated answers; the
+    loss is the windows' mean start / end cross-entropy."""
+    model.eval()
+    width = int(fmt.cfg.task.max_length)
+    logits_all: list[torch.Tensor] = []
+    total_loss, n = 0.0, 0
+    for batch in loader:
+        logits, labels = ev.gathered((pad_tokens(fmt.logits(model, batch), width), batch["labels"]))
+        total_loss += float(fmt.loss_from_logits(logits, labels)) * len(labels)
+        n += len(labels)
+        logits_all += list(logits.cpu())
+    rows = ev.task.validation if rows is None else rows
+    contexts = {r["idx"]: r["context"] for r in rows}
+    answers = best_answers(loader.dataset, logits_all, contexts, fmt.cfg.task)
+    result = score_outputs({f["idx"]: answers.get(f["idx"], "") for f in loader.dataset}, ev, rows, name)
+    result["loss"] = round(total_loss / max(n, 1), 5)
+    return result

@@ -1,5 +1,6 @@
-"""Data-to-text metrics computed as the official scorers of E2E, WebNLG 2017 and DART compute them.
+"""Generation scorers: the E2E, WebNLG 2017 and DART official evaluations, XSum's ROUGE, `score` per suite.
 
+BLEU, NIST, METEOR, ROUGE-L, CIDEr and TER are computed as the official scorers compute them:
 - E2E (github tuetschek/e2e-metrics, `measure_scores.py`): BLEU and NIST of mteval-v13a-sig.pl (its
   tokenisation, lowercased, smoothed BLEU, closest reference length); METEOR 1.5, ROUGE-L and CIDEr-D of the
   MS-COCO caption scorer on the Stanford PTB tokenizer's lowercased tokens without punctuation. The jars
@@ -37,6 +38,7 @@ from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 from unidecode import unidecode
 
 from peftbench.errors import UserError, choice_error
+from peftbench.metrics.qa import squad
 
 Refs = Sequence[Sequence[str]]
 
@@ -290,40 +292,6 @@ def rouge(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
         for ours, theirs in keys.items():
             totals[ours] += max(s[theirs].fmeasure for s in per_ref)
     return {k: 100.0 * v / max(len(hyps), 1) for k, v in totals.items()}
-
-
-def normalize_answer(s: str) -> str:
-    """SQuAD v1.1's `evaluate-v1.1.py` (and MRQA's `mrqa_official_eval.py`): lower case, drop punctuation,
-    the articles a / an / the, and extra white space."""
-    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
-
-
-_PUNCT = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")  # string.punctuation
-
-
-def answer_f1(prediction: str, gold: str) -> float:
-    return _token_f1(normalize_answer(prediction).split(), normalize_answer(gold).split())
-
-
-def _token_f1(pred: list[str], ref: list[str]) -> float:
-    same = sum((Counter(pred) & Counter(ref)).values())
-    if same == 0:
-        return 0.0
-    precision, recall = same / len(pred), same / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def squad(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
-    """F1 and exact match x 100 as the SQuAD v1.1 / MRQA scripts: each question's best gold answer,
-    averaged over the questions (every answer normalised once)."""
-    f1 = em = 0.0
-    for h, gs in zip(hyps, refs):
-        pred, golds = normalize_answer(h), [normalize_answer(g) for g in gs]
-        f1 += max(_token_f1(pred.split(), g.split()) for g in golds)
-        em += max(float(pred == g) for g in golds)
-    n = max(len(hyps), 1)
-    return {"f1": 100.0 * f1 / n, "em": 100.0 * em / n}
 
 
 def _score_e2e(hyps: list[str], refs: list[list[str]], meteor: Meteor | None, out: Scores) -> None:

@@ -1,4 +1,4 @@
-"""Records -> tables. Pure functions of the records: no torch, no GPU (params_table imports torch lazily).
+"""Records -> tables (Markdown, CSV, LaTeX). Pure functions of the records: no torch, no GPU (params_table imports torch lazily).
 
 A row is (model, method + whatever method / train settings differ between the row's records, e.g.
 "lora r=4"), a column is task x metric, a cell is the mean (or median) ± std of the best evaluation over
@@ -92,11 +92,16 @@ def _short(v: Any) -> str:
     return ",".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
+def center(values: list[float], stat: str) -> float:
+    """The statistic of a cell over seeds: median or mean (the preset's protocol, or --stat)."""
+    return statistics.median(values) if stat == "median" else statistics.fmean(values)
+
+
 def _cell(values: list[float], stat: str) -> str:
-    center = statistics.median(values) if stat == "median" else statistics.fmean(values)
+    mid = center(values, stat)
     if len(values) == 1:
-        return f"{center:.2f}"
-    return f"{center:.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
+        return f"{mid:.2f}"
+    return f"{mid:.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
 
 
 def format_bytes(n: float) -> str:
@@ -157,9 +162,7 @@ def records_table(
                     values = [r["best"]["metrics"][m] for r in done]
                     out[col] = _cell(values, stat)
                     if m == main[task]:
-                        mains.append(
-                            statistics.median(values) if stat == "median" else statistics.fmean(values)
-                        )
+                        mains.append(center(values, stat))
                 else:
                     out[col] = ", ".join(sorted({r["status"] for r in runs})) if runs else ""
         if len(tasks) > 1:
@@ -173,7 +176,8 @@ def records_table(
 def params_table(points: Iterable[tuple[str, str, Any]]) -> list[dict[str, str]]:
     """Trainable parameters of each (model, method), on the meta device."""
     from peftbench.methods import apply_method, stored_count
-    from peftbench.models import count, meta_model
+    from peftbench.models import count
+    from peftbench.setup import meta_model
 
     rows = []
     for model_name, method_name, cfg in points:

@@ -1,10 +1,11 @@
-"""Data-to-text generation: encoding, the training loss, batched decoding and scoring.
+"""Generation format: data-to-text, summaries and generative QA: encoding, the training loss, batched
+decoding and scoring with the task's official evaluation.
 
 GPT-2 is a causal LM over `source <|endoftext|> target <|endoftext|>` with the loss on the target tokens only
 (Li & Liang 2021's and LoRA's E2E / WebNLG / DART data format); T5 and BART read the source and decode the
 target. Decoding is batched: GPT-2's prompts are left-padded so every row continues at the same position and
 the KV cache stays on; beam search, its length penalty and no-repeat n-gram size, greedy and sampling are
-`task.decode` settings. Scores come from `peftbench.nlg_metrics`, which reproduces each task's official
+`task.decode` settings. Scores come from `peftbench.metrics.nlg`, which reproduces each task's official
 evaluation.
 """
 
@@ -16,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from peftbench.prompting import pad_to, scored_positions_only
+from peftbench.errors import UserError, choice_error
+from peftbench.formats import Format
+from peftbench.formats.logprobs import pad_to, scored_positions_only
+from peftbench.models import family, inner
+from peftbench.record import write_atomic
+
+DECODE_STRATEGIES = ("beam", "greedy", "sample")
 
 
 def encode_train(rows: list[dict], task_cfg: DictConfig, tokenizer, kind: str) -> list[dict[str, Any]]:
@@ -56,15 +63,54 @@ def encode_eval(rows: list[dict], task_cfg: DictConfig, tokenizer, kind: str) ->
     ]
 
 
-class GenerationBatcher:
+class GenerationFormat(Format):
     """Collate, loss (cross-entropy on target tokens, optional label smoothing) and batched decoding."""
 
-    def __init__(self, tokenizer, kind: str, task_cfg: DictConfig):
-        self.tokenizer, self.kind = tokenizer, kind
+    name = "generation"
+    lm = True
+
+    def __init__(self, cfg: DictConfig, task, tokenizer, fam, **options):
+        super().__init__(cfg, task, tokenizer, fam)
+        task_cfg = cfg.task
         self.smoothing = float(task_cfg.get("label_smoothing") or 0.0)
         self.decode_cfg = task_cfg.decode
         self.pad = tokenizer.pad_token_id
         self.synced = False  # FSDP: every process keeps stepping until all are done
+
+    @classmethod
+    def check(cls, cfg: DictConfig) -> None:
+        fam = family(cfg.model)
+        if fam.kind == "encoder":
+            raise UserError(
+                f"task {cfg.task.name} generates text and model {cfg.model.name} ({fam.name}) has no decoder; "
+                "use a GPT-2, T5 or BART model"
+            )
+        d = cfg.task.decode
+        if d.strategy not in DECODE_STRATEGIES:
+            raise choice_error("task.decode.strategy", d.strategy, DECODE_STRATEGIES)
+        for key in ("num_beams", "max_new_tokens"):
+            if isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] <= 0:
+                raise UserError(f"task.decode.{key}={d[key]!r}: must be a positive integer")
+        n = d.no_repeat_ngram_size
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise UserError(f"task.decode.no_repeat_ngram_size={n!r}: must be an integer >= 0")
+
+    def encode_train(self, rows: list[dict]) -> list[dict[str, Any]]:
+        return encode_train(rows, self.cfg.task, self.tokenizer, self.kind)
+
+    def encode(self, rows: list[dict]) -> list[dict[str, Any]]:
+        return encode_eval(rows, self.cfg.task, self.tokenizer, self.kind)
+
+    def eval_rows(self, rows: list[dict], cap: int | None) -> list[dict]:
+        """Evenly spaced inputs (WebNLG's test lists seen before unseen), longest first (less padding;
+        they are scored by idx)."""
+        if cap:
+            rows = rows[:: max(1, len(rows) // int(cap))][: int(cap)]
+        return sorted(rows, key=lambda r: -len(r["source"]))
+
+    def evaluate(self, model, loader, ev, rows=None, name=None) -> dict[str, Any]:
+        texts = decode_all(inner(model), loader, self, ev.gathered)
+        return score_outputs({f["idx"]: t for f, t in zip(loader.dataset, texts)}, ev, rows, name)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if "labels" not in features[0]:  # evaluation: prompts only, left-padded for GPT-2
@@ -131,7 +177,7 @@ def left_pad(seqs: list[list[int]], pad: int, left: bool) -> dict[str, torch.Ten
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def decode_all(model: torch.nn.Module, loader, batcher: GenerationBatcher, gather=None) -> list[str]:
+def decode_all(model: torch.nn.Module, loader, batcher: GenerationFormat, gather=None) -> list[str]:
     """Outputs for every input of the loader, in its order; `gather` collects the processes' shares of each
     batch under data parallelism."""
     model.eval()
@@ -140,3 +186,26 @@ def decode_all(model: torch.nn.Module, loader, batcher: GenerationBatcher, gathe
         out = batcher.generate(model, batch)
         texts += gather(out) if gather is not None else out
     return texts
+
+
+def score_outputs(by_idx: dict[int, str], ev, rows=None, name=None) -> dict[str, Any]:
+    """Score the outputs (input idx -> text) as the task's official evaluation does, on all inputs and per
+    category (WebNLG seen / unseen), and save them: one line per input, in the split's order."""
+    from peftbench.metrics.nlg import score_by_category, shared_meteor
+
+    rows = [r for r in (ev.task.validation if rows is None else rows) if r["idx"] in by_idx]
+    rows.sort(key=lambda r: r["idx"])
+    hyps = [by_idx[r["idx"]] for r in rows]
+    result: dict[str, Any] = {"metrics": {}, "unavailable": {}}
+    for group, scores in score_by_category(ev.cfg.task.scorer, hyps, rows, shared_meteor()).items():
+        suffix = "" if group == "all" else f"_{group}"
+        for metric, value in scores.values.items():
+            if value is None:
+                result["unavailable"][metric + suffix] = scores.unavailable.get(metric, "not computed")
+            else:
+                result["metrics"][metric + suffix] = round(float(value), 4)
+    if ev.artifacts is not None and ev.main:
+        path = ev.artifacts / "predictions" / (f"{name}.txt" if name else f"eval_{ev.n_evals}.txt")
+        write_atomic(path, "".join(h + "\n" for h in hyps))
+        result["predictions"] = str(path)
+    return result

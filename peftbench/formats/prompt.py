@@ -20,24 +20,24 @@ T-Few and GPT-3 do). Training losses (T-Few Sec. 3.2, each weighted by `train.lo
 The sums, the token masking and the 1e-2 inside the unlikelihood log follow T-Few's code
 (github.com/r-three/t-few, src/models/EncoderDecoder.py).
 
-In-context learning (`method=icl`) puts k solved training rows in front of every context
-(`demonstrations`), and contextual calibration (Zhao et al. 2021) divides the choice probabilities by those
-the same prompt gives a content-free input (`content_free_prior`).
+In-context learning (`method=icl`, methods/icl.py) puts k solved training rows in front of every context
+(`demonstration_text`); its contextual calibration sets `RankBatcher.prior`.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch.utils.checkpoint import checkpoint
 
 from peftbench.errors import UserError
+from peftbench.formats import Format
+from peftbench.formats.head import evaluate_classes, predict_labels
+from peftbench.formats.logprobs import logprobs_at, mean_logprob, pad_to, scored_hidden, tfew_loss
+from peftbench.methods import capabilities
+from peftbench.models import inner
 from peftbench.tasks.classification import fields_of, group_of
 
 
@@ -67,11 +67,6 @@ def format_prompt(task_cfg: DictConfig, row: dict, key: str = "template") -> tup
 SLOT = "[P]"
 
 
-def anchored(cfg: DictConfig) -> bool:
-    """P-tuning's placement: the prompt vectors fill the [P] slots of task.prompt.anchored."""
-    return cfg.method.get("placement") == "template"
-
-
 def tokenize_with_slots(tokenizer, text: str) -> list[int]:
     """Token ids of text whose i-th "[P]" becomes the placeholder id -(i + 1): P-tuning's prompt slot i,
     filled with the prompt encoder's i-th vector by the soft-prompt hook (peftbench.methods.prompt)."""
@@ -91,17 +86,6 @@ def solved(task_cfg: DictConfig, row: dict) -> str:
     """A demonstration: the row's context followed by its correct answer."""
     context, choices = format_prompt(task_cfg, row)
     return f"{context} {choices[row['label']]}"
-
-
-def demonstrations(train: list[dict], method_cfg: DictConfig, seed: int) -> list[dict]:
-    """k training rows drawn with the run seed, put in the order drawn with method.order_seed (Zhao et al.
-    2021 Sec. 3: the same k examples in another order can swing accuracy from near chance to near SOTA)."""
-    k = method_cfg.shots
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(train):
-        raise UserError(f"method.shots={k!r}: choose 0..{len(train)} (the train rows available)")
-    picked = random.Random(seed).sample(train, k)
-    random.Random(int(method_cfg.order_seed)).shuffle(picked)
-    return picked
 
 
 def demonstration_text(task_cfg: DictConfig, demos: list[dict], separator: str = "\n\n") -> str:
@@ -193,10 +177,6 @@ def with_specials(specials: list[int], body: list[int]) -> list[int]:
     if len(specials) == 2:
         return specials[:1] + body + specials[1:]
     return body + specials
-
-
-# methods that change the input sequence itself (soft prompts, key/value prefixes): one sequence per choice
-SEQUENCE_METHODS = {"prefix_tuning", "prompt_tuning", "p_tuning"}
 
 
 class RankBatcher:
@@ -394,138 +374,44 @@ class RankBatcher:
         return logits.argmax(-1)
 
 
-def base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a DistributedDataParallel and a peft wrapper (or the model itself)."""
-    model = inner(model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def inner(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under a DistributedDataParallel wrapper, for its methods (`get_encoder`, ...); forward passes
-    that train go through the wrapper, which synchronises the gradients."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+class PromptFormat(RankBatcher, Format):
+    """The prompt format of a run: rows as prompts with answer choices (`encode_prompted`), scored by the
+    LM head (RankBatcher), evaluated as predicted classes. Options from the method: `demos` (in-context
+    learning's solved rows) and `anchored` (P-tuning's [P] slots in task.prompt.anchored)."""
 
+    name = "prompt"
+    lm = True
 
-@contextmanager
-def scored_hidden(model: torch.nn.Module, keep: torch.Tensor) -> Iterator[list[torch.Tensor]]:
-    """While active, the vocabulary projection (the output embedding) takes only the hidden states at `keep`
-    (B, T), hands them to the caller (the yielded list) and returns no rows: `logprobs_at` then projects
-    them in chunks. The model's own logits come back empty."""
-    kept: list[torch.Tensor] = []
+    def __init__(self, cfg: DictConfig, task, tokenizer, fam, demos: list[dict] | None = None, anchored=False):
+        Format.__init__(self, cfg, task, tokenizer, fam)
+        share = bool(cfg.train.share_context) and not capabilities(cfg.method).changes_input
+        # a decoder under gradient checkpointing returns no key/value cache while training
+        share = share and not (cfg.train.gradient_checkpointing and fam.kind == "decoder")
+        RankBatcher.__init__(self, tokenizer, fam.kind, cfg.train, share_context=share)
+        self.demos, self.anchored = demos, anchored
+        if demos is not None:
+            self.stored_text = demonstration_text(cfg.task, demos)
+        self.tokens_of = self.tokens
 
-    def take(module, args):
-        kept.append(args[0][keep])
-        return (kept[-1][:0], *args[1:])
+    @classmethod
+    def check(cls, cfg: DictConfig) -> None:
+        if cfg.task.kind == "regression":
+            raise UserError(f"task.format=prompt needs answer choices; {cfg.task.name} is a regression task")
 
-    handle = base_model(model).get_output_embeddings().register_forward_pre_hook(take)
-    try:
-        yield kept
-    finally:
-        handle.remove()
+    def encode_train(self, rows: list[dict]) -> list[dict[str, Any]]:
+        return encode_prompted(rows, self.cfg.task, self.tokenizer, self.kind, anchored=self.anchored)
 
+    def encode(self, rows: list[dict]) -> list[dict[str, Any]]:
+        demos = self.demos or []
+        return encode_prompted(rows, self.cfg.task, self.tokenizer, self.kind, demos, anchored=self.anchored)
 
-def logprobs_at(
-    model: torch.nn.Module,
-    hidden: torch.Tensor,
-    tokens: torch.Tensor,
-    rows: torch.Tensor | None = None,
-    chunk: int = 1024,
-) -> torch.Tensor:
-    """log p(tokens[i]) under the vocabulary distribution of hidden[rows[i]] (default: hidden[i]), for hidden
-    states taken by `scored_hidden`. The projection runs over `chunk` hidden states at a time (with gradients
-    each chunk is recomputed in the backward pass), so no (positions x vocabulary) tensor is ever whole."""
-    if rows is None:
-        rows = torch.arange(len(tokens), device=tokens.device)
-    base = base_model(model)
-    head = base.get_output_embeddings()
-    bias = getattr(base, "final_logits_bias", None)  # BART adds it after the projection
+    def length(self, feature: dict) -> int:
+        return sum(len(feature["context"]) + len(a) for a in feature["answers"])
 
-    def part(h: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = head(h).float()
-        if bias is not None:
-            logits = logits + bias.float()
-        return logits.log_softmax(-1)[r, t]
+    def evaluate(self, model, loader, ev, rows=None, name=None) -> dict[str, Any]:
+        return evaluate_classes(self, model, loader, ev)
 
-    pieces, order = [], []
-    for start in range(0, len(hidden), chunk):
-        sel = ((rows >= start) & (rows < start + chunk)).nonzero().squeeze(1)
-        if len(sel):
-            args = (hidden[start : start + chunk], rows[sel] - start, tokens[sel])
-            grad = torch.is_grad_enabled() and hidden.requires_grad
-            pieces.append(checkpoint(part, *args, use_reentrant=False) if grad else part(*args))
-            order.append(sel)
-    if not pieces:
-        return hidden.new_zeros(0, dtype=torch.float32)
-    return torch.cat(pieces)[torch.argsort(torch.cat(order))]
-
-
-@contextmanager
-def scored_positions_only(model: torch.nn.Module, keep: torch.Tensor) -> Iterator[None]:
-    """While active, the output embedding (the vocabulary projection) sees only the hidden states at `keep`
-    (B, T) and returns (keep.sum(), V) logits (generation's training loss)."""
-    head = base_model(model).get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep], *args[1:]))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def tfew_loss(
-    lp: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, w_lm: float, w_ul: float, w_ln: float
-) -> torch.Tensor:
-    """T-Few's L = w_lm L_LM + w_ul L_UL + w_ln L_LN from token log-probs lp (B, C, T) and their mask."""
-    rows = torch.arange(len(labels), device=lp.device)
-    correct = torch.zeros(mask.shape[:2], dtype=torch.bool, device=lp.device)
-    correct[rows, labels] = True
-    loss = lp.new_zeros(())
-    if w_lm:
-        m = mask[rows, labels]
-        loss = loss + w_lm * -(lp[rows, labels] * m).sum() / m.sum().clamp(min=1)
-    if w_ul:
-        wrong = mask & ~correct[..., None]
-        ul = -torch.log(1 - lp.exp() + 1e-2)
-        loss = loss + w_ul * (ul * wrong).sum() / wrong.sum().clamp(min=1)
-    if w_ln:
-        loss = loss + w_ln * F.cross_entropy(mean_logprob(lp, mask), labels)
-    return loss
-
-
-def mean_logprob(lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Each choice's length-normalised score: the mean log p of its tokens, (B, C)."""
-    return (lp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-
-
-def pad_to(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    if left:
-        return torch.tensor([[value] * (width - len(s)) + s for s in seqs], dtype=torch.long)
-    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
-
-
-@torch.no_grad()
-def content_free_prior(
-    model: torch.nn.Module,
-    batcher: RankBatcher,
-    task_cfg: DictConfig,
-    method_cfg: DictConfig,
-    demos: list[dict],
-    like: dict,
-    device: torch.device,
-) -> torch.Tensor:
-    """p_cf (Zhao et al. 2021 Sec. 5): the choice distribution the prompt gives content-free inputs ("N/A",
-    "[MASK]", ""), each put in every text field of a row, averaged over those inputs."""
-    prompt = task_cfg.prompt
-    if any("{" in c for c in prompt.choices):
-        raise UserError(
-            f"method.calibrate=true needs fixed answer choices; task {task_cfg.name} builds them per row"
-        )
-    text_fields = [k for k, v in like.items() if isinstance(v, str)]
-    rows = [{**like, **{k: cf for k in text_fields}, "label": 0} for cf in method_cfg.content_free]
-    features = encode_prompted(rows, task_cfg, batcher.tokenizer, batcher.kind, demos)
-    batch = {k: v.to(device) for k, v in batcher(features).items()}
-    was, batcher.prior = batcher.prior, None
-    model.eval()
-    probs = batcher.logits(model, batch).softmax(-1).mean(0)
-    batcher.prior = was
-    return probs
+    def predict_labels(self, model: torch.nn.Module, loader, ev) -> list[int]:
+        return predict_labels(self, model, loader, ev)

@@ -1,4 +1,6 @@
-"""From task rows to padded tensors, and the loss / prediction rule of each task kind."""
+"""Head format: a new classification / regression / multiple-choice head on the model (sequence
+classification): rows to padded tensors, the loss and prediction rule of each task kind, and the evaluation
+of predicted classes (shared with the prompt format)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from peftbench import metrics as M
 from peftbench.errors import UserError
+from peftbench.formats import Format
 from peftbench.tasks.classification import format_pairs, group_of
 
 
@@ -31,17 +35,26 @@ def encode(rows: list[dict], task_cfg: DictConfig, tokenizer) -> list[dict[str, 
     return out
 
 
-class Batcher:
+class HeadFormat(Format):
     """Collate function plus the forward / loss / predict rule for classification, regression and multiple
     choice (each choice scored by a 1-logit head, softmax over the choices)."""
 
-    def __init__(self, tokenizer, kind: str):
+    name = "head"
+
+    def __init__(self, cfg: DictConfig, task, tokenizer, fam, **options):
+        super().__init__(cfg, task, tokenizer, fam)
+        kind = task.kind
         if kind not in ("classification", "regression", "multiple_choice"):
             raise UserError(
                 f"task.kind={kind!r} needs a generation or prompt runner; choose a classification task"
             )
-        self.tokenizer = tokenizer
         self.kind = kind
+
+    def encode(self, rows: list[dict]) -> list[dict[str, Any]]:
+        return encode(rows, self.cfg.task, self.tokenizer)
+
+    def length(self, feature: dict) -> int:
+        return sum(len(c["input_ids"]) for c in feature["choices"])
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         flat = [c for f in features for c in f["choices"]]
@@ -70,35 +83,36 @@ class Batcher:
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float() if self.kind == "regression" else logits.argmax(-1)
 
+    def evaluate(self, model, loader, ev, rows=None, name=None) -> dict[str, Any]:
+        return evaluate_classes(self, model, loader, ev)
 
-class LengthGroupedBatches(torch.utils.data.Sampler):
-    """Batches of similar length (less padding), in random order: shuffle, cut into mega-batches of
-    `mega` batches, sort each by length, cut into batches, shuffle the batches. HF Trainer's
-    `group_by_length` does the same; on SST-2 it cuts padded tokens per batch about 3x."""
-
-    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator, mega: int = 50):
-        self.lengths, self.batch_size, self.generator, self.mega = lengths, batch_size, generator, mega
-
-    def __iter__(self):
-        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
-        size = self.batch_size * self.mega
-        batches = []
-        for i in range(0, len(order), size):
-            chunk = sorted(order[i : i + size], key=lambda j: -self.lengths[j])
-            batches += [chunk[k : k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
-        for b in torch.randperm(len(batches), generator=self.generator).tolist():
-            yield batches[b]
-
-    def __len__(self) -> int:
-        return sum(
-            -(-min(self.batch_size * self.mega, len(self.lengths) - i) // self.batch_size)
-            for i in range(0, len(self.lengths), self.batch_size * self.mega)
-        )
+    def predict_labels(self, model: torch.nn.Module, loader, ev) -> list[int]:
+        return predict_labels(self, model, loader, ev)
 
 
-def feature_length(feature: dict) -> int:
-    """Tokens of a feature: every choice's sequence (prompt format: context + answer per choice), or the one
-    sequence (generation)."""
-    if "answers" in feature:
-        return sum(len(feature["context"]) + len(a) for a in feature["answers"])
-    return sum(len(c["input_ids"]) for c in feature.get("choices") or [feature])
+@torch.no_grad()
+def evaluate_classes(fmt, model: torch.nn.Module, loader, ev) -> dict[str, Any]:
+    """Predicted classes (or scores) of every row against its label: the task's metrics and the mean loss.
+    `ev.gathered` collects the processes' shares of each batch, in order."""
+    model.eval()
+    preds, refs, total_loss, n = [], [], 0.0, 0
+    for batch in loader:
+        logits, labels = ev.gathered((fmt.logits(model, batch), batch["labels"]))
+        total_loss += float(fmt.loss_from_logits(logits, labels)) * len(labels)
+        n += len(labels)
+        preds += fmt.predict(logits).tolist()
+        refs += labels.tolist()
+    task_cfg = fmt.cfg.task
+    groups = [ex.get("group") for ex in loader.dataset] if task_cfg.get("group") else None
+    values = M.compute(list(task_cfg.metrics), preds, refs, groups)
+    return {"metrics": {k: round(v, 4) for k, v in values.items()}, "loss": round(total_loss / max(n, 1), 5)}
+
+
+@torch.no_grad()
+def predict_labels(fmt, model: torch.nn.Module, loader, ev) -> list[int]:
+    """The predicted class of every (unlabelled) row of the loader, in its order."""
+    model.eval()
+    preds: list[int] = []
+    for batch in loader:
+        preds += fmt.predict(ev.gathered(fmt.logits(model, batch))).tolist()
+    return preds

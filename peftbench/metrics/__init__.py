@@ -2,8 +2,9 @@
 
 Classification metrics follow the GLUE / SuperGLUE official definitions (scores on a 0-100 scale, as the
 papers report them). Generation metrics (BLEU, NIST, METEOR, ROUGE-L, CIDEr, TER, ...) are those of the
-official data-to-text scorers (peftbench/nlg_metrics.py); their references are lists, one per input, and
-`scorer` names the task's official evaluation. Adding a metric = one function + one entry in METRICS.
+official data-to-text scorers (peftbench/metrics/nlg.py); their references are lists, one per input, and
+`scorer` names the task's official evaluation; extractive QA's F1 / EM are SQuAD's (peftbench/metrics/qa.py).
+Adding a metric = one function + one entry in METRICS.
 """
 
 from __future__ import annotations
@@ -67,10 +68,10 @@ def exact_match_groups(preds: Sequence, refs: Sequence, groups: Sequence | None 
 
 
 def generation(name: str) -> Callable[..., float | None]:
-    """One metric of a task's official generation evaluation (None: unavailable, see nlg_metrics.score)."""
+    """One metric of a task's official generation evaluation (None: unavailable, see metrics.nlg.score)."""
 
     def fn(preds: Sequence[str], refs: Sequence[Sequence[str]], groups=None, scorer: str = "e2e"):
-        from peftbench.nlg_metrics import score
+        from peftbench.metrics.nlg import score
 
         return score(scorer, preds, refs).values.get(name)
 
@@ -120,7 +121,7 @@ def compute(
 ) -> dict:
     """Every metric in `names`; with `scorer` (a generation task's), one pass of its official evaluation."""
     if scorer is not None:
-        from peftbench.nlg_metrics import score
+        from peftbench.metrics.nlg import score
 
         for name in names:
             get_metric(name)  # an unknown name fails with the valid ones
@@ -146,7 +147,7 @@ def produced(task_cfg) -> set[str]:
     names = set(task_cfg.metrics)
     scorer = task_cfg.get("scorer")
     if scorer:
-        from peftbench.nlg_metrics import SUITES
+        from peftbench.metrics.nlg import SUITES
 
         names |= set(SUITES[scorer])
         if scorer == "webnlg" and task_cfg.get("eval_split") == "test":

@@ -160,41 +160,13 @@ def cmd_list(args: list[str]) -> int:
     return 0
 
 
-PAIR_FAMILIES = ("bert", "roberta", "deberta", "gpt2", "t5", "bart")
-
-
-def pairs() -> list[tuple[str, str, str, str | None]]:
-    """(method, family, format, reason it does not apply or None) for every method x family x task format,
-    decided by applying the method to the family's tiny model on the meta device."""
-    from peftbench.methods import apply_method
-    from peftbench.setup import meta_model
-    from peftbench.validate import check_format
-
-    base = compose(["task=rte"])  # one composition; the method and model YAMLs are swapped in (fast)
-    out = []
-    for method in group_options("method"):
-        for fam in PAIR_FAMILIES:
-            for fmt in ("head", "prompt"):
-                cfg = base.copy()
-                cfg.method = load_option("method", method)
-                cfg.model = load_option("model", f"tiny-{fam}")
-                cfg.task.format = fmt
-                try:
-                    check_format(cfg)
-                    model, family_ = meta_model(cfg)
-                    apply_method(model, cfg.method, family_)
-                    reason = None
-                except UserError as e:
-                    reason = str(e)
-                out.append((method, fam, fmt, reason))
-    return out
-
-
 def print_pairs() -> None:
     """Which method applies to which family (classification head / LM head with task.format=prompt)."""
     print(
         "pairs (method x family; head: a new classification head, prompt: task.format=prompt, the LM head):"
     )
+    from peftbench.validate import pairs
+
     for method, fam, fmt, reason in pairs():
         print(f"  {method:<17} {fam:<8} {fmt:<6} {'applies' if reason is None else 'n/a: ' + reason}")
 

@@ -7,7 +7,7 @@ import torch
 from omegaconf import DictConfig
 
 from peftbench.errors import UserError, choice_error
-from peftbench.formats import format_class, model_family
+from peftbench.formats import TASK_FORMATS, format_class, model_family
 from peftbench.loop import OPTIMIZERS
 from peftbench.methods import apply_method, capabilities, hook
 from peftbench.metrics import METRICS
@@ -135,3 +135,37 @@ def check_format(cfg: DictConfig) -> None:
             f"method={cfg.method.name} scores answer choices with the LM head: add task.format=prompt"
         )
     model_family(cfg)  # the family is known
+
+
+def pair_families() -> list[str]:
+    """The families with a tiny model config (configs/model/tiny-<family>.yaml) to decide applicability on."""
+    from peftbench.paths import group_options
+
+    return [m.removeprefix("tiny-") for m in group_options("model") if m.startswith("tiny-")]
+
+
+def pairs() -> list[tuple[str, str, str, str | None]]:
+    """(method, family, format, reason it does not apply or None) for every method x family x task format,
+    decided by applying the method to the family's tiny model on the meta device."""
+    from peftbench.config import compose, load_option
+    from peftbench.paths import group_options
+    from peftbench.setup import meta_model
+
+    base = compose(["task=rte"])  # one composition; the method and model YAMLs are swapped in (fast)
+    out = []
+    for method in group_options("method"):
+        for fam in pair_families():
+            for fmt in TASK_FORMATS:
+                cfg = base.copy()
+                cfg.method = load_option("method", method)
+                cfg.model = load_option("model", f"tiny-{fam}")
+                cfg.task.format = fmt
+                try:
+                    check_format(cfg)
+                    model, family_ = meta_model(cfg)
+                    apply_method(model, cfg.method, family_)
+                    reason = None
+                except UserError as e:
+                    reason = str(e)
+                out.append((method, fam, fmt, reason))
+    return out

@@ -199,7 +199,7 @@ def test_results_dir_not_writable(tmp_path, capsys, monkeypatch):
 
 
 def test_sweep_check_expands_a_glob_over_the_groups_options():
-    from peftbench.cli import sweep_points
+    from peftbench.config import sweep_points
 
     points = list(sweep_points(["-m", "task=glob(raft_*,exclude=raft_t*)", "seed=1"]))
     tasks = [p[-1] for p in points]

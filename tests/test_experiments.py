@@ -8,8 +8,9 @@ from conftest import QUICK, require_data
 from omegaconf import ListConfig, OmegaConf
 
 from peftbench import experiment
-from peftbench.cli import main, warm_started
+from peftbench.cli import main
 from peftbench.config import compose as cli_compose
+from peftbench.experiment import warm_started
 from peftbench.metrics import produced
 from peftbench.paths import group_options
 from peftbench.report import presets

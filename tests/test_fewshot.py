@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import require_data
 
-from peftbench.formats.prompt import demonstration_text, format_prompt
+from peftbench.formats.prompt_text import demonstration_text, format_prompt
 
 FEW = ["task=rte", "task.format=prompt", "task.shots_from=tfew", "seed=42", "model=tiny-gpt2"]
 FEW += ["task.max_length=512", "train.max_eval_samples=6", "train.progress=false", "train.save_adapter=false"]

@@ -11,7 +11,8 @@ from conftest import QUICK, overfit, require_data
 
 from peftbench.errors import UserError
 from peftbench.formats.logprobs import tfew_loss
-from peftbench.formats.prompt import RankBatcher, format_prompt
+from peftbench.formats.prompt import RankBatcher
+from peftbench.formats.prompt_text import format_prompt
 from peftbench.models import family
 
 PROMPT = ["task=rte", "task.format=prompt", "task.max_length=48", "train.max_train_samples=8"]

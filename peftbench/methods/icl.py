@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from peftbench.errors import UserError
-from peftbench.formats.prompt import encode_prompted
+from peftbench.formats.prompt_text import encode_prompted
 from peftbench.methods import Capabilities, freeze, remember
 from peftbench.models import Family
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from peftbench.errors import UserError, choice_error
-from peftbench.formats.prompt import SLOT
+from peftbench.formats.prompt_text import SLOT
 from peftbench.methods import Capabilities, positive_int, remember, unfreeze
 from peftbench.methods.prompt import apply_prompt
 from peftbench.models import Family

@@ -64,7 +64,7 @@ def add_prompt(
     model: nn.Module, fam: Family, encoder: PromptEncoder, placement: str = "prepend"
 ) -> nn.Module:
     """Attach the prompt encoder as `model.prompt_encoder` and hook the backbone to prepend it, or (placement
-    "template") to put its vectors where the input has the slot ids -1..-n (prompting.tokenize_with_slots)."""
+    "template") to put its vectors where the input has the slot ids -1..-n (formats/prompt_text.tokenize_with_slots)."""
     model.prompt_encoder = encoder
     backbone = model.base_model
     n = 0 if placement == "template" else encoder.n

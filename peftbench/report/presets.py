@@ -65,58 +65,72 @@ def table(
     columns = OmegaConf.to_container(preset.columns)  # task -> metric shown
     out = []
     for row in preset.rows:
-        ours_params = next(
-            (
-                r["params"]["trainable_without_head"]
-                for r in records
-                if r.get("row") == row.label and r.get("params")
-            ),
-            None,
-        )
         reported = row.get("paper") or {}
         line = {"model": models_of(records, row), "method": row.label}
-        params = format_params(ours_params) if ours_params else "—"
-        line["# trainable params"] = (
-            f"{params} ({reported.get('params')})" if paper and reported.get("params") else params
-        )
+        line["# trainable params"] = params_cell(records, row, reported, paper)
         per_task: dict[str, list[float]] = {}
         for task, metric, ref in table_columns(columns, reported):
             header = f"{preset.get('column_names', {}).get(task, task)} {METRIC_SHORT.get(metric, metric)}"
-            if task not in row_tasks(preset, row):
-                line[header] = ""  # not part of this row's grid
-                continue
-            values, other = (
-                cell_values(records, row.label, task, metric) if row.get("runnable", True) else ([], set())
-            )
-            if values:
-                ours = center(values, stat)
-                per_task.setdefault(task, []).append(ours)
-                spread = f" ± {_num(statistics.stdev(values), ours)}" if len(values) > 1 else ""
-                text = f"{_num(ours)}{spread} (n={len(values)})"
-            elif not row.get("runnable", True):
-                text = f"n/a: {row.get('note', 'not runnable')}"
-            else:
-                text = ", ".join(sorted(other)) if other else "missing"
-            if paper and ref is not None:
-                text += f" [paper {ref}" + (f", Δ {_num(ours - ref, ref, sign=True)}]" if values else "]")
-            line[header] = text
-        if preset.get("avg", False):  # mean over tasks of each task's mean metric (SuperGLUE's average)
-            n_metrics = {t: len(m) if isinstance(m, list) else 1 for t, m in columns.items()}
-            complete = all(len(per_task.get(t, [])) == n for t, n in n_metrics.items())
-            avg = (
-                f"{statistics.fmean(statistics.fmean(v) for v in per_task.values()):.1f}"
-                if complete
-                else "missing"
-                if len(row_tasks(preset, row)) == len(columns)
-                else ""
-            )
-            if paper and reported.get("avg") is not None:
-                avg += f" [paper {reported['avg']}]"
-            line["Avg"] = avg
+            in_grid = task in row_tasks(preset, row)
+            line[header] = cell(records, row, task, metric, ref, stat, paper, per_task) if in_grid else ""
+        if preset.get("avg", False):
+            line["Avg"] = average(preset, row, columns, per_task, reported, paper)
         if with_efficiency:
             line |= efficiency([r for r in records if r.get("row") == row.label])
         out.append(line)
     return out
+
+
+def params_cell(records: list[dict], row: DictConfig, reported: dict, paper: bool) -> str:
+    """Our trainable parameters (without the head), with the paper's count beside them."""
+    ours = next(
+        (
+            r["params"]["trainable_without_head"]
+            for r in records
+            if r.get("row") == row.label and r.get("params")
+        ),
+        None,
+    )
+    params = format_params(ours) if ours else "—"
+    return f"{params} ({reported.get('params')})" if paper and reported.get("params") else params
+
+
+def cell(
+    records, row: DictConfig, task: str, metric: str, ref, stat: str, paper: bool, per_task: dict
+) -> str:
+    """ours = statistic ± std (n seeds), [paper value, Δ]; 'missing' where no run exists, never 0."""
+    runnable = row.get("runnable", True)
+    values, other = cell_values(records, row.label, task, metric) if runnable else ([], set())
+    if values:
+        ours = center(values, stat)
+        per_task.setdefault(task, []).append(ours)
+        spread = f" ± {_num(statistics.stdev(values), ours)}" if len(values) > 1 else ""
+        text = f"{_num(ours)}{spread} (n={len(values)})"
+    elif not runnable:
+        text = f"n/a: {row.get('note', 'not runnable')}"
+    else:
+        text = ", ".join(sorted(other)) if other else "missing"
+    if paper and ref is not None:
+        text += f" [paper {ref}" + (f", Δ {_num(ours - ref, ref, sign=True)}]" if values else "]")
+    return text
+
+
+def average(
+    preset: DictConfig, row: DictConfig, columns: dict, per_task: dict, reported: dict, paper: bool
+) -> str:
+    """The mean over tasks of each task's mean metric (SuperGLUE's average), when every cell has runs."""
+    n_metrics = {t: len(m) if isinstance(m, list) else 1 for t, m in columns.items()}
+    complete = all(len(per_task.get(t, [])) == n for t, n in n_metrics.items())
+    avg = (
+        f"{statistics.fmean(statistics.fmean(v) for v in per_task.values()):.1f}"
+        if complete
+        else "missing"
+        if len(row_tasks(preset, row)) == len(columns)
+        else ""
+    )
+    if paper and reported.get("avg") is not None:
+        avg += f" [paper {reported['avg']}]"
+    return avg
 
 
 def cost_table(preset: DictConfig, records: list[dict], stat: str, paper: bool = True) -> list[dict]:

@@ -5,7 +5,7 @@ One row per question: `{idx, id, question, context, references: [gold answers], 
 offsets of them in the context, -1 where unknown], source, target}`. `source` / `target` are the
 text-to-text form T5 reads (Raffel et al. 2020's SQuAD format, used by Lester et al. 2021 for MRQA):
 `question: Q context: C` -> the first gold answer; an encoder (BERT / RoBERTa) instead predicts the
-answer's span in the context (peftbench/span.py). Both are scored with the SQuAD / MRQA evaluation script's
+answer's span in the context (peftbench/formats/span.py). Both are scored with the SQuAD / MRQA evaluation script's
 F1 and exact match (peftbench.metrics.qa.squad): normalised answers, the best gold answer per question.
 
 `task.transfer` names MRQA out-of-domain sets (`task.mrqa_sets`) evaluated zero-shot with the trained

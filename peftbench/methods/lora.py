@@ -6,25 +6,36 @@ peft implements it faithfully for separate projections (BERT, RoBERTa, DeBERTa, 
 save in peft's format. GPT-2 fuses q, k, v into one Conv1D `c_attn`; peft's LoRA on `c_attn` adapts the
 whole fused matrix (q, k and v together), which is not the paper's q, v. For GPT-2 we add one low-rank pair
 per chosen slice, as loralib's MergedLinear(enable_lora=[True, False, True]) in microsoft/LoRA does.
+
+Variants that only change peft's LoraConfig are YAML files over this module: `method.peft` holds the extra
+LoraConfig keywords (DoRA: use_dora; PiSSA: init_lora_weights). Our FusedLoRA slices are plain LoRA only, so
+on GPT-2 such a variant needs `method.fused: whole`: peft adapts the whole fused c_attn, k included (a
+written deviation in each variant's YAML); `fused: slices` (the default) raises for them. LoRA+ reuses this
+module as it is and adds its optimizer (loraplus.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
 
+import peft
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 
 from peftbench.errors import UserError
-from peftbench.methods import freeze, positive_int, remember, unfreeze_head
+from peftbench.methods import Capabilities, freeze, positive_int, remember, unfreeze_head
 from peftbench.models import Family
 
+CAN = Capabilities(exportable=True)  # finish() merges peft's B A (DoRA, PiSSA too) and FusedLoRA's slices
+
 SLICES = ("q", "k", "v")
+FUSED = ("slices", "whole")  # method.fused on GPT-2's c_attn: our q / v slices, or peft on the whole matrix
 
 
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
@@ -34,12 +45,18 @@ def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"method.dropout={cfg.dropout!r}: must be in [0, 1)")
     targets = list(cfg.targets)
-    known = [*SLICES, *[k for k in fam.proj if k != "qkv"]]
-    for t in targets:
-        if t not in known:
-            raise UserError(f"method.targets has {t!r}; choose from: {', '.join(dict.fromkeys(known))}")
+    check_targets(targets, fam)
+    mode = fused_mode(cfg)
+    extra = peft_options(cfg, on_meta=next(model.parameters()).device.type == "meta")
     fused = [t for t in targets if t in SLICES and "qkv" in fam.proj]
     separate = [t for t in targets if t not in fused]
+    if fused and mode == "whole":
+        separate, fused = [*separate, "qkv"], []
+    elif fused and extra:
+        raise UserError(
+            f"method={cfg.name} on {fam.name}: our q / v slices of the fused c_attn are plain LoRA, not "
+            f"method.peft {sorted(extra)}; set method.fused=whole to adapt the whole c_attn (k too) with peft"
+        )
     if separate:
         pattern = r".*\.(" + "|".join(fam.proj[t] for t in separate) + r")$"
         model = get_peft_model(
@@ -52,6 +69,7 @@ def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
                 modules_to_save=list(fam.head),
                 fan_in_fan_out=fam.kind == "decoder",  # GPT-2's Conv1D stores W transposed
                 bias="none",
+                **extra,
             ),
         )
     else:
@@ -62,6 +80,57 @@ def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
     if cfg.get("init_from") and next(model.parameters()).device.type != "meta":
         warm_start(model, Path(cfg.init_from))
     return remember(model, cfg, init_from=None)  # a reload overwrites A, B: no warm start needed
+
+
+def check_targets(targets: list[str], fam: Family) -> None:
+    known = [*SLICES, *[k for k in fam.proj if k != "qkv"]]
+    for t in targets:
+        if t not in known:
+            raise UserError(f"method.targets has {t!r}; choose from: {', '.join(dict.fromkeys(known))}")
+
+
+# LoraConfig keywords apply() sets itself: a variant's `method.peft` must not set them again
+OWN_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "fan_in_fan_out", "bias"}
+
+
+def peft_options(cfg: DictConfig, on_meta: bool = False) -> dict:
+    """A variant's extra LoraConfig keywords (`method.peft`; none for plain LoRA). On the meta device (parameter
+    counts) a data-dependent init such as PiSSA's SVD cannot run and does not change the count: peft's
+    default init stands in for it there."""
+    extra = dict(OmegaConf.to_container(cfg.get("peft") or OmegaConf.create({}), resolve=True))
+    clash = sorted(OWN_KEYS & set(extra))
+    if clash:
+        raise UserError(f"method.peft.{clash[0]}: set by the method's own keys (r, alpha, dropout, targets)")
+    unknown = sorted(set(extra) - {f.name for f in dataclasses.fields(LoraConfig)})
+    if unknown:
+        raise UserError(f"method.peft.{unknown[0]} is not a peft LoraConfig field (peft {peft.__version__})")
+    if on_meta and isinstance(extra.get("init_lora_weights"), str):
+        extra["init_lora_weights"] = True
+    return extra
+
+
+def fused_mode(cfg: DictConfig) -> str:
+    """How a fused q|k|v projection (GPT-2's c_attn) is adapted: `slices` (our FusedLoRA, plain LoRA only) or
+    `whole` (peft on the whole matrix, so k is adapted as well)."""
+    mode = cfg.get("fused") or "slices"
+    if mode not in FUSED:
+        raise UserError(f"method.fused={mode!r}; choose from: {', '.join(FUSED)}")
+    return mode
+
+
+def whole_targets(cfg: DictConfig, fam: Family, method: str) -> str:
+    """The module regex for a variant that only peft implements: on a fused q|k|v family any of q, k, v maps
+    to the whole fused matrix when method.fused=whole, and raises otherwise."""
+    targets = list(cfg.targets)
+    check_targets(targets, fam)
+    if "qkv" in fam.proj and any(t in SLICES for t in targets):
+        if fused_mode(cfg) != "whole":
+            raise UserError(
+                f"method={method} on {fam.name}: peft cannot adapt only the q / v slices of the fused c_attn; "
+                f"set method.fused=whole to adapt the whole c_attn (k too)"
+            )
+        targets = [t for t in targets if t not in SLICES] + ["qkv"]
+    return r".*\.(" + "|".join(fam.proj[t] for t in targets) + r")$"
 
 
 def warm_start(model: nn.Module, folder: Path) -> None:

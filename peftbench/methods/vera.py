@@ -1,0 +1,43 @@
+"""VeRA (Kopiczko et al. 2024, Sec. 3): h = W x + Λ_b B Λ_d A x. One pair of frozen random matrices A, B
+(kaiming-uniform from a fixed PRNG key) is shared by every adapted layer; each layer trains two vectors, d
+(r entries) and b (d_out entries, zero at init). peft 0.21.2's VeraConfig implements it; A and B are buffers
+(peft's BufferDict), so only the vectors count as trainable.
+
+GPT-2 fuses q, k, v into one Conv1D `c_attn` and peft cannot adapt only its q and v slices: with
+`method.fused: whole` (configs/method/vera.yaml) peft adapts the whole c_attn (k too, one d shared by q, k, v);
+any other value raises.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+from peft import VeraConfig, get_peft_model
+from torch import nn
+
+from peftbench.errors import UserError
+from peftbench.methods import Capabilities, positive_int, remember
+from peftbench.methods.lora import whole_targets
+from peftbench.models import Family
+
+CAN = Capabilities(exportable=True)  # peft merges Λ_b B Λ_d A into the weights
+
+
+def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
+    r = positive_int(cfg.r, "method.r")
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"method.dropout={cfg.dropout!r}: must be in [0, 1)")
+    model = get_peft_model(
+        model,
+        VeraConfig(
+            r=r,
+            target_modules=whole_targets(cfg, fam, "vera"),
+            projection_prng_key=int(cfg.projection_prng_key),
+            save_projection=bool(cfg.save_projection),
+            vera_dropout=cfg.dropout,
+            d_initial=cfg.d_initial,
+            fan_in_fan_out=fam.kind == "decoder",  # GPT-2's Conv1D stores W transposed
+            bias="none",
+            modules_to_save=list(fam.head),
+        ),
+    )
+    return remember(model, cfg)

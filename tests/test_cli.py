@@ -30,8 +30,9 @@ def run_cli(*args, env=None, cwd=None):
     [
         (
             ["method=lorra"],
-            "unknown method 'lorra' (did you mean 'lora'?); choose from: adapter_houlsby, adapter_pfeiffer, bitfit, "
-            "ft_top2, full, ia3, icl, intrinsic, lora, p_tuning, prefix_tuning, prompt_tuning",
+            "unknown method 'lorra' (did you mean 'lora' or 'dora' or 'adalora'?); choose from: adalora, "
+            "adapter_houlsby, adapter_pfeiffer, bitfit, dora, ft_top2, full, ia3, icl, intrinsic, lora, loraplus, "
+            "p_tuning, pissa, prefix_tuning, prompt_tuning, vera",
         ),
         (["model=roberta-bas"], "unknown model 'roberta-bas' (did you mean 'roberta-base'"),
         (["task=sst3"], "unknown task 'sst3' (did you mean 'sst2'"),
@@ -163,18 +164,21 @@ def test_list_names_every_group_with_descriptions(capsys):
 def test_list_pairs_gives_each_method_x_family_and_the_reason_when_it_does_not_apply(capsys):
     assert main(["list", "pairs"]) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
-    methods = (
-        12  # full ft_top2 bitfit lora adapter_houlsby adapter_pfeiffer ia3 prompt_tuning p_tuning prefix icl
-        # intrinsic
-    )
-    assert len(lines) == methods * 6 * 2  # x 6 families x (classification head, LM head)
+    from peftbench.paths import group_options
+    from peftbench.validate import pair_families
+
+    methods = len(group_options("method"))  # every method YAML, with no count to edit
+    assert len(lines) == methods * len(pair_families()) * 2  # x families x (classification head, LM head)
     na = {tuple(line.split()[:3]): line for line in lines if "n/a:" in line}
     assert (
         "no bias terms" in na[("bitfit", "t5", "head")] and "no bias terms" in na[("bitfit", "t5", "prompt")]
     )
     assert "disentangled attention" in na[("prefix_tuning", "deberta", "head")]
     assert all("add task.format=prompt" in na[("icl", f, "head")] for f in ("bert", "gpt2", "t5", "bart"))
-    assert len(na) == 2 + 2 + 6  # everything else applies, prompt tuning and prefix tuning on T5 / BART too
+    # everything else applies (prompt tuning and prefix tuning on T5 / BART too); fused-slice refusals aside
+    expected = {("bitfit", "t5"), ("prefix_tuning", "deberta")}
+    others = [(m, f, x) for m, f, x in na if f != "albert"]  # ALBERT shares one layer: its n/a are its own
+    assert all((m, f) in expected or (m, x) == ("icl", "head") for m, f, x in others), sorted(others)
     assert "applies" in next(line for line in lines if line.split()[:3] == ["prefix_tuning", "t5", "prompt"])
 
 

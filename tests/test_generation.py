@@ -198,7 +198,7 @@ def test_exported_model_is_a_base_that_reproduces_the_run(compose, tmp_path):
 def test_export_refuses_methods_whose_parameters_are_not_base_weights(compose):
     from peftbench.validate import validate
 
-    with pytest.raises(UserError, match="export works with: full, ft_top2, bitfit, lora, ia3"):
+    with pytest.raises(UserError, match="export works with: adalora, bitfit, dora, ft_top2, full, ia3, lora, loraplus, pissa, vera"):
         validate(compose("task=e2e", "method=prefix_tuning", "train.export_model=/tmp/x"))
 
 

@@ -139,7 +139,7 @@ def interrupt_at(monkeypatch, step: int) -> None:
         if where == "step" and at == step:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr("peftbench.run.kill_point", hook)
+    monkeypatch.setattr("peftbench.loop.kill_point", hook)
 
 
 @pytest.mark.parametrize(
@@ -159,7 +159,7 @@ def test_interrupted_run_resumes_in_process(compose, monkeypatch, extra, stop):
         execute(cfg)
     path = Path(cfg.paths.results) / "runs" / f"{run_id(cfg)}.json"
     assert json.loads(path.read_text())["status"] == "interrupted"
-    monkeypatch.setattr("peftbench.run.kill_point", lambda where, at: None)
+    monkeypatch.setattr("peftbench.loop.kill_point", lambda where, at: None)
     rec = execute(cfg)
     assert rec["checkpoint"]["resumed_from_step"] > 0
     assert comparable(rec) == comparable(ref)
@@ -172,7 +172,7 @@ def test_force_ignores_old_checkpoint(compose, monkeypatch, capsys):
     cfg = compose(*SMALL)
     with pytest.raises(KeyboardInterrupt):
         execute(cfg)
-    monkeypatch.setattr("peftbench.run.kill_point", lambda where, at: None)
+    monkeypatch.setattr("peftbench.loop.kill_point", lambda where, at: None)
     rec = execute(compose(*SMALL, "train.force=true"))
     assert "resume" not in capsys.readouterr().out and "resumed_from_step" not in rec["checkpoint"]
 
@@ -352,7 +352,7 @@ def out_of_memory(monkeypatch) -> None:
 RTE = ["model=tiny-bert", "task=rte", *QUICK]
 # (case id, train args, set-up: fn(tmp_path, monkeypatch) -> env to set, text the one line must hold)
 BAD_INPUTS = [
-    ("unknown method", ["method=lorra"], None, "unknown method 'lorra' (did you mean 'lora'?)"),
+    ("unknown method", ["method=lorra"], None, "unknown method 'lorra' (did you mean 'lora'"),
     ("unknown task", ["task=sst3"], None, "unknown task 'sst3' (did you mean 'sst2'"),
     ("unknown model", ["model=roberta-bas"], None, "'roberta-bas' (did you mean 'roberta-base'"),
     ("unknown key", ["train.batch_sise=8"], None, "batch_sise"),

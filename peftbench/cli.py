@@ -186,11 +186,6 @@ PAPER_MODELS = (
     "bart-base",
     "bart-large",
 )
-def table_methods() -> list[str]:
-    """The methods of `peftbench params`' default table: those whose module says so (not ICL's zero)."""
-    from peftbench.methods import capabilities
-
-    return [m for m in group_options("method") if capabilities(load_option("method", m)).in_params_table]
 
 
 def cmd_params(args: list[str]) -> int:
@@ -203,10 +198,13 @@ def cmd_params(args: list[str]) -> int:
     p.add_argument("--format", choices=("md", "csv", "latex"), default="md")
     a = p.parse_args(args)
     from peftbench.report import params_table, render
+    from peftbench.validate import with_capability
 
     fixed = [o for o in a.overrides if o.split("=")[0] not in ("method", "model")]
     models = [o.split("=", 1)[1] for o in a.overrides if o.startswith("model=")] or PAPER_MODELS
-    methods = [o.split("=", 1)[1] for o in a.overrides if o.startswith("method=")] or table_methods()
+    methods = [o.split("=", 1)[1] for o in a.overrides if o.startswith("method=")] or with_capability(
+        "in_params_table"
+    )
     rows = params_table(
         (model, method, compose([f"model={model}", f"method={method}", *fixed]))
         for model, method in itertools.product(models, methods)

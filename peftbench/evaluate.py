@@ -31,7 +31,9 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, s: Setup, rows=None, na
     return result
 
 
-def track(p: Progress, result: dict[str, Any], cfg: DictConfig, total_steps: int, steps_per_epoch: int) -> bool:
+def track(
+    p: Progress, result: dict[str, Any], cfg: DictConfig, total_steps: int, steps_per_epoch: int
+) -> bool:
     """Log an evaluation into the progress; True if it is the best so far (the caller keeps its weights)."""
     result.update(step=p.step, epoch=round(p.step / steps_per_epoch, 3))
     p.evals.append(result)

@@ -141,7 +141,9 @@ def unique_runs(points: list[Point], configs: list[DictConfig]) -> tuple[list[Po
     return [p for p, _ in keep], [c for _, c in keep]
 
 
-def warm_started(preset, points: list[Point], configs: list[DictConfig], extra: list[str]) -> list[DictConfig]:
+def warm_started(
+    preset, points: list[Point], configs: list[DictConfig], extra: list[str]
+) -> list[DictConfig]:
     """Rows with `warm_start: {from: mnli, tasks: [...]}` start those tasks' LoRA from the same row and seed's
     `from` run: its adapter folder (results/<name>/<run id>/adapter) becomes method.init_from."""
     from pathlib import Path
@@ -150,7 +152,9 @@ def warm_started(preset, points: list[Point], configs: list[DictConfig], extra: 
     from peftbench.record import run_id
 
     rows = {r.label: r for r in preset.rows}
-    grid = {(p.row, p.task, p.seed): p for p in expand(preset, extra)}  # the sources, even if `only` skips them
+    grid = {
+        (p.row, p.task, p.seed): p for p in expand(preset, extra)
+    }  # the sources, even if `only` skips them
     out = []
     for p, cfg in zip(points, configs):
         ws = rows[p.row].get("warm_start")

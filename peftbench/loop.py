@@ -94,6 +94,8 @@ class Training:
     p: Progress
     best_state: dict | None = None
     resume: Any = None
+    adjust_loss: Any = None  # the method's hooks, looked up once
+    after_step: Any = None
 
     @classmethod
     def start(cls, cfg, s: Setup, acc: Accelerator, params, artifacts: Path, record: dict) -> Training:
@@ -112,15 +114,20 @@ class Training:
                 s.model, opt, s.train_loader, s.eval_loader, sched
             )
         eval_every = steps_per_epoch if t.eval_every == "epoch" else int(t.eval_every)
-        ckpt = Checkpointer(artifacts / "checkpoint", t.checkpoint_every, n_batches, acc, opt, sched, s.generator)
+        ckpt = Checkpointer(
+            artifacts / "checkpoint", t.checkpoint_every, n_batches, acc, opt, sched, s.generator
+        )
         ckpt.meta = {"run_id": record["run_id"], "n_batches": n_batches, "total_steps": total_steps}
         r = cls(cfg, s, acc, model, opt, sched, train_loader, eval_loader, params, ckpt, total_steps,
                 steps_per_epoch, eval_every, Progress())  # fmt: skip
+        r.adjust_loss, r.after_step = hook(cfg.method, "adjust_loss"), hook(cfg.method, "after_step")
         r.resume = ckpt.load(acc.unwrap_model(model))
         if r.resume:
             r.p, r.best_state = r.resume.progress, r.resume.best
             record["checkpoint"]["resumed_from_step"] = r.p.step
-            print(f"[peftbench] resume from step {r.p.step} (epoch {r.p.epoch}, batch {r.p.batch}): {r.resume.path}")
+            print(
+                f"[peftbench] resume from step {r.p.step} (epoch {r.p.epoch}, batch {r.p.batch}): {r.resume.path}"
+            )
         if on_start := hook(cfg.method, "on_train_start"):
             on_start(acc.unwrap_model(model), total_steps, cfg.method)
         return r
@@ -131,7 +138,9 @@ def train(r: Training, record: dict[str, Any], record_path: Path | None) -> None
     end; checkpoints when due. A resumed run replays the data order of its epoch and skips what it did."""
     t, p = r.cfg.train, r.p
     reset_peak_memory(r.acc.device)
-    bar = tqdm(total=r.total_steps, initial=p.step, desc=record["run_id"][:40], disable=not t.progress, leave=False)
+    bar = tqdm(
+        total=r.total_steps, initial=p.step, desc=record["run_id"][:40], disable=not t.progress, leave=False
+    )
     t_prev = time.perf_counter()  # train time counts data loading + step, not evaluation
     while p.step < r.total_steps:
         epoch_start = r.s.generator.get_state()  # the data order of this epoch follows from it
@@ -166,18 +175,17 @@ def step(r: Training, batch: dict[str, torch.Tensor]) -> bool:
     """One micro-batch: forward, backward and (when gradients sync) the optimizer step with the method's
     hooks. True when an optimizer step was taken."""
     acc, p, method = r.acc, r.p, r.cfg.method
-    adjust, after = hook(method, "adjust_loss"), hook(method, "after_step")
     with acc.accumulate(r.model):
         loss = r.s.fmt.loss(r.model, batch)
-        if adjust:
-            loss = adjust(acc.unwrap_model(r.model), loss, method)
+        if r.adjust_loss:
+            loss = r.adjust_loss(acc.unwrap_model(r.model), loss, method)
         acc.backward(loss)
         if acc.sync_gradients:
             acc.clip_grad_norm_(r.params, r.cfg.train.max_grad_norm)
         r.opt.step()
         r.sched.step()
-        if after and acc.sync_gradients:
-            after(acc.unwrap_model(r.model), p.step + 1, method)
+        if r.after_step and acc.sync_gradients:
+            r.after_step(acc.unwrap_model(r.model), p.step + 1, method)
         r.opt.zero_grad(set_to_none=True)
     p.batch += 1
     counts = torch.tensor([int(batch["attention_mask"].sum()), len(batch["labels"])], device=acc.device)
@@ -205,7 +213,9 @@ def checkpoint_now(r: Training, record: dict, record_path: Path | None, epoch_st
     r.acc.wait_for_everyone()  # a rerun of any process resumes from the same checkpoint
 
 
-def after_training(cfg, record: dict, s: Setup, acc: Accelerator, model, eval_loader, artifacts: Path) -> None:
+def after_training(
+    cfg, record: dict, s: Setup, acc: Accelerator, model, eval_loader, artifacts: Path
+) -> None:
     """With the best weights: save the adapter, merge (and evaluate merged), transfer sets, test
     predictions, export."""
     t = cfg.train
@@ -217,9 +227,7 @@ def after_training(cfg, record: dict, s: Setup, acc: Accelerator, model, eval_lo
         model = finish(model)
         record["final"] = evaluate(model, eval_loader, s)
         record["final"]["merged"] = True
-    evaluate_transfer(model, s, acc, record)
-    if s.test_loader is not None:  # with the weights the record reports (best, merged)
-        record["test_predictions"] = predict_test(model, acc.prepare(s.test_loader), s)
+    transfer_and_test(model, s, acc, record)
     if t.export_model:
         full = full_model_state(model)  # every process takes part
         if s.main:
@@ -230,7 +238,6 @@ def evaluate_only(cfg: DictConfig, record: dict[str, Any], s: Setup, acc: Accele
     """Nothing trains (in-context learning, train.max_steps=0): one evaluation, after the method's
     `before_evaluate_only` hook (ICL's contextual calibration)."""
     model, eval_loader = acc.prepare(s.model, s.eval_loader)
-    s.gather, s.main = acc.gather_for_metrics, acc.is_main_process
     reset_peak_memory(acc.device)
     t0 = time.perf_counter()
     if before := hook(cfg.method, "before_evaluate_only"):
@@ -239,12 +246,20 @@ def evaluate_only(cfg: DictConfig, record: dict[str, Any], s: Setup, acc: Accele
     track(p, evaluate(model, eval_loader, s), cfg, 0, 1)
     p.eval_s = time.perf_counter() - t0
     finish_record(cfg, record, acc, p, 1)
+    transfer_and_test(model, s, acc, record)
+
+
+def transfer_and_test(model, s: Setup, acc: Accelerator, record: dict[str, Any]) -> None:
+    """With the weights the record reports (best, merged): the task's transfer sets and its unlabelled test
+    rows (train.predict_test)."""
     evaluate_transfer(model, s, acc, record)
     if s.test_loader is not None:
         record["test_predictions"] = predict_test(model, acc.prepare(s.test_loader), s)
 
 
-def default_optimizer(params: list[torch.nn.Parameter], model, t: DictConfig, method_cfg) -> torch.optim.Optimizer:
+def default_optimizer(
+    params: list[torch.nn.Parameter], model, t: DictConfig, method_cfg
+) -> torch.optim.Optimizer:
     """AdamW (the GLUE papers), or Adafactor as T-Few runs it: a fixed lr, no relative step, no warmup
     init (t-few src/utils/get_optimizer.py; `adafactor_scale_parameter` is its `scale_parameter`)."""
     if t.optimizer == "adamw":

@@ -75,7 +75,12 @@ def prepare(cfg: DictConfig, record: dict[str, Any], artifacts: Path | None = No
     evals = fmt.encode(fmt.eval_rows(task.validation, cfg.train.max_eval_samples))
     generator = torch.Generator().manual_seed(int(cfg.seed))
     s = Setup(model, task, fmt, cfg, train_loader(train, fmt, cfg.train, generator), None, generator)
-    s.eval_loader, s.test_loader, s.artifacts, s.blocks = s.loader(evals), test_loader(s), artifacts, fam.blocks
+    s.eval_loader, s.test_loader, s.artifacts, s.blocks = (
+        s.loader(evals),
+        test_loader(s),
+        artifacts,
+        fam.blocks,
+    )
     record["data"] = {"sources": task.sources, "n_train": len(train), "n_eval": len(evals), **task.notes}
     record["cost"] = costs(model, fmt, counts, train, evals, fam)
     if cfg.task.get("n_shot") or cfg.task.get("shots_from"):  # which few-shot rows, reproducibly

@@ -88,12 +88,10 @@ def check_method_train(cfg: DictConfig) -> None:
 
 def with_capability(name: str) -> list[str]:
     """The methods (configs/method/*.yaml) whose module declares the capability."""
-    from omegaconf import OmegaConf
+    from peftbench.config import load_option
+    from peftbench.paths import group_options
 
-    from peftbench.paths import config_dir, group_options
-
-    options = [(m, OmegaConf.load(config_dir() / "method" / f"{m}.yaml")) for m in group_options("method")]
-    return [m for m, c in options if getattr(capabilities(c), name)]
+    return [m for m in group_options("method") if getattr(capabilities(load_option("method", m)), name)]
 
 
 def check_devices(t: DictConfig) -> None:

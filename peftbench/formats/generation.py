@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from peftbench.errors import UserError, choice_error
 from peftbench.formats import Format
 from peftbench.formats.logprobs import pad_to, scored_positions_only
+from peftbench.methods import positive_int
 from peftbench.models import family, inner
 from peftbench.record import write_atomic
 
@@ -89,8 +90,7 @@ class GenerationFormat(Format):
         if d.strategy not in DECODE_STRATEGIES:
             raise choice_error("task.decode.strategy", d.strategy, DECODE_STRATEGIES)
         for key in ("num_beams", "max_new_tokens"):
-            if isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] <= 0:
-                raise UserError(f"task.decode.{key}={d[key]!r}: must be a positive integer")
+            positive_int(d[key], f"task.decode.{key}")
         n = d.no_repeat_ngram_size
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise UserError(f"task.decode.no_repeat_ngram_size={n!r}: must be an integer >= 0")

@@ -35,7 +35,17 @@ def encode(rows: list[dict], task_cfg: DictConfig, tokenizer) -> list[dict[str, 
     return out
 
 
-class HeadFormat(Format):
+class ClassScores:
+    """Evaluation and test prediction of formats whose `logits` score the classes (head, prompt)."""
+
+    def evaluate(self, model, loader, ev, rows=None, name=None) -> dict[str, Any]:
+        return evaluate_classes(self, model, loader, ev)
+
+    def predict_labels(self, model: torch.nn.Module, loader, ev) -> list[int]:
+        return predict_labels(self, model, loader, ev)
+
+
+class HeadFormat(ClassScores, Format):
     """Collate function plus the forward / loss / predict rule for classification, regression and multiple
     choice (each choice scored by a 1-logit head, softmax over the choices)."""
 
@@ -82,12 +92,6 @@ class HeadFormat(Format):
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float() if self.kind == "regression" else logits.argmax(-1)
-
-    def evaluate(self, model, loader, ev, rows=None, name=None) -> dict[str, Any]:
-        return evaluate_classes(self, model, loader, ev)
-
-    def predict_labels(self, model: torch.nn.Module, loader, ev) -> list[int]:
-        return predict_labels(self, model, loader, ev)
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 
 from peftbench.errors import UserError
 from peftbench.formats import Format
-from peftbench.formats.head import evaluate_classes, predict_labels
+from peftbench.formats.head import ClassScores
 from peftbench.formats.logprobs import logprobs_at, mean_logprob, pad_to, scored_hidden, tfew_loss
 from peftbench.formats.prompt_text import demonstration_text, encode_prompted
 from peftbench.methods import capabilities
@@ -267,9 +267,7 @@ class RankBatcher:
         return logits.argmax(-1)
 
 
-
-
-class PromptFormat(RankBatcher, Format):
+class PromptFormat(RankBatcher, ClassScores, Format):
     """The prompt format of a run: rows as prompts with answer choices (`encode_prompted`), scored by the
     LM head (RankBatcher), evaluated as predicted classes. Options from the method: `demos` (in-context
     learning's solved rows) and `anchored` (P-tuning's [P] slots in task.prompt.anchored)."""
@@ -277,7 +275,9 @@ class PromptFormat(RankBatcher, Format):
     name = "prompt"
     lm = True
 
-    def __init__(self, cfg: DictConfig, task, tokenizer, fam, demos: list[dict] | None = None, anchored=False):
+    def __init__(
+        self, cfg: DictConfig, task, tokenizer, fam, demos: list[dict] | None = None, anchored=False
+    ):
         Format.__init__(self, cfg, task, tokenizer, fam)
         share = bool(cfg.train.share_context) and not capabilities(cfg.method).changes_input
         # a decoder under gradient checkpointing returns no key/value cache while training
@@ -302,9 +302,3 @@ class PromptFormat(RankBatcher, Format):
 
     def length(self, feature: dict) -> int:
         return sum(len(feature["context"]) + len(a) for a in feature["answers"])
-
-    def evaluate(self, model, loader, ev, rows=None, name=None) -> dict[str, Any]:
-        return evaluate_classes(self, model, loader, ev)
-
-    def predict_labels(self, model: torch.nn.Module, loader, ev) -> list[int]:
-        return predict_labels(self, model, loader, ev)

@@ -153,7 +153,9 @@ def best_answers(
 
 
 @torch.no_grad()
-def evaluate_spans(fmt: SpanFormat, model: torch.nn.Module, loader, ev, rows=None, name=None) -> dict[str, Any]:
+def evaluate_spans(
+    fmt: SpanFormat, model: torch.nn.Module, loader, ev, rows=None, name=None
+) -> dict[str, Any]:
     """Start / end logits of every window, the best span per question, scored like generated answers; the
     loss is the windows' mean start / end cross-entropy."""
     model.eval()

@@ -14,7 +14,8 @@ a method that trains some tensors of the model) and may define hooks the recipe 
     adjust_loss(model, loss, method_cfg)          -> the loss to back-propagate (AdaLoRA's regulariser)
     after_step(model, step, method_cfg)           after each optimizer step, before zero_grad (AdaLoRA)
 
-No list of method names exists outside this folder: the generic code asks `capabilities(cfg)` and `hook()`.
+Hooks receive the model as the method built it (unwrapped from accelerate / DDP). No list of method names
+exists outside this folder: the generic code asks `capabilities(cfg)` and `hook()`.
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ def unfreeze_head(model: torch.nn.Module, fam: Family) -> None:
 def positive_int(value, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise UserError(f"{name}={value!r}: must be a positive integer")
+    return value
+
+
+def dropout_rate(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise UserError(f"{name}={value!r}: must be in [0, 1)")
     return value
 
 
@@ -154,7 +161,9 @@ def peft_tensors(model: torch.nn.Module) -> set[str]:
     names: set[str] = set()
     for prefix, module in model.named_modules():
         if isinstance(module, BaseTunerLayer):
-            names |= {f"{prefix}.{n}" for n, _ in module.named_parameters() if not n.startswith("base_layer.")}
+            names |= {
+                f"{prefix}.{n}" for n, _ in module.named_parameters() if not n.startswith("base_layer.")
+            }
     return names | {n for n, _ in model.named_parameters() if "modules_to_save" in n}
 
 

@@ -21,7 +21,7 @@ from peft import AdaLoraConfig, get_peft_model
 from torch import nn
 
 from peftbench.errors import UserError
-from peftbench.methods import Capabilities, positive_int, remember
+from peftbench.methods import Capabilities, dropout_rate, positive_int, remember
 from peftbench.methods.lora import whole_targets
 from peftbench.models import Family
 
@@ -35,8 +35,7 @@ def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
         raise UserError(f"method.target_r={target_r} > method.init_r={init_r}: the budget only shrinks")
     if cfg.alpha <= 0:
         raise UserError(f"method.alpha={cfg.alpha!r}: must be positive (scaling is alpha / init_r)")
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"method.dropout={cfg.dropout!r}: must be in [0, 1)")
+    dropout_rate(cfg.dropout, "method.dropout")
     if cfg.orth_reg_weight < 0:
         raise UserError(f"method.orth_reg_weight={cfg.orth_reg_weight!r}: must be >= 0")
     for key in ("beta1", "beta2"):
@@ -76,8 +75,7 @@ def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
 
 
 def tuner(model: nn.Module):
-    """peft's AdaLoraModel inside the PeftModel (the model may come wrapped by accelerate: `.module`)."""
-    model = getattr(model, "module", model)
+    """peft's AdaLoraModel inside the PeftModel (hooks get the model unwrapped from accelerate)."""
     return model.base_model
 
 

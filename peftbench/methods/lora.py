@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from peftbench.errors import UserError
-from peftbench.methods import Capabilities, freeze, positive_int, remember, unfreeze_head
+from peftbench.methods import Capabilities, dropout_rate, freeze, positive_int, remember, unfreeze_head
 from peftbench.models import Family
 
 CAN = Capabilities(exportable=True)  # finish() merges peft's B A (DoRA, PiSSA too) and FusedLoRA's slices
@@ -42,8 +42,7 @@ def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
     r = positive_int(cfg.r, "method.r")
     if cfg.alpha <= 0:
         raise UserError(f"method.alpha={cfg.alpha!r}: must be positive (scaling is alpha / r)")
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"method.dropout={cfg.dropout!r}: must be in [0, 1)")
+    dropout_rate(cfg.dropout, "method.dropout")
     targets = list(cfg.targets)
     check_targets(targets, fam)
     mode = fused_mode(cfg)

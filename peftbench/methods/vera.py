@@ -14,8 +14,7 @@ from omegaconf import DictConfig
 from peft import VeraConfig, get_peft_model
 from torch import nn
 
-from peftbench.errors import UserError
-from peftbench.methods import Capabilities, positive_int, remember
+from peftbench.methods import Capabilities, dropout_rate, positive_int, remember
 from peftbench.methods.lora import whole_targets
 from peftbench.models import Family
 
@@ -24,8 +23,7 @@ CAN = Capabilities(exportable=True)  # peft merges Λ_b B Λ_d A into the weight
 
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
     r = positive_int(cfg.r, "method.r")
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"method.dropout={cfg.dropout!r}: must be in [0, 1)")
+    dropout_rate(cfg.dropout, "method.dropout")
     model = get_peft_model(
         model,
         VeraConfig(

@@ -21,7 +21,9 @@ def parse(args: list[str]) -> dict[str, str]:
     for a in args:
         key, sep, value = a.partition("=")
         if not sep or key not in SCORE_KEYS:
-            raise UserError(f"bad argument {a!r}; expected key=value with key one of: {', '.join(SCORE_KEYS)}")
+            raise UserError(
+                f"bad argument {a!r}; expected key=value with key one of: {', '.join(SCORE_KEYS)}"
+            )
         opts[key] = value
     for key in ("task", "predictions"):
         if not opts.get(key):
@@ -34,10 +36,10 @@ def generation_task(name: str):
     from peftbench.config import compose
     from peftbench.paths import group_options
 
-    tasks = {t: compose([f"task={t}"]).task for t in group_options("task")}
-    generation = [t for t, c in tasks.items() if c.kind == "generation"]
-    if name in generation:
-        return tasks[name]
+    tasks = group_options("task")
+    if name in tasks and (task := compose([f"task={name}"]).task).kind == "generation":
+        return task
+    generation = [t for t in tasks if compose([f"task={t}"]).task.kind == "generation"]  # for the message
     if name in tasks:
         raise UserError(f"task {name} is not a generation task; choose from: {', '.join(generation)}")
     raise choice_error("task", name, generation)

@@ -147,7 +147,8 @@ def fake(row: str, acc: float, d: int | None = None) -> dict:
 
 
 def test_d90_is_the_smallest_d_reaching_90_percent_of_full_fine_tuning():
-    from peftbench.experiment import load_preset, threshold_dimension
+    from peftbench.experiment import load_preset
+    from peftbench.report.presets import threshold_dimension
 
     preset = load_preset("intrinsic_dimension")
     records = [fake("Full FT", 80.0), fake("d=10", 60.0, 10), fake("d=200", 71.0, 200)]

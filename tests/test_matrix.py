@@ -14,13 +14,7 @@ TABLE = pairs()
 APPLIES = [(m, f, fmt) for m, f, fmt, why in TABLE if why is None]
 # Cells the table says apply but that fail when trained: defects this matrix found, not yet mended. Strict:
 # a cell that starts to pass must leave this list.
-BROKEN = {
-    ("adapter_pfeiffer", "t5", "prompt"): "no adapter lands in T5's LM model: nothing trains",
-    ("intrinsic", "t5", "prompt"): "the shared encoder pass reuses weights written for a freed graph",
-    ("intrinsic", "bart", "prompt"): "the shared encoder pass reuses weights written for a freed graph",
-    ("p_tuning", "albert", "head"): "ALBERT's head reads the prompt positions: logits (B, 2) per token",
-    ("prompt_tuning", "albert", "head"): "ALBERT's head reads the prompt positions: logits (B, 2) per token",
-}
+BROKEN: dict[tuple[str, str, str], str] = {}
 CASES = [pytest.param(*c, marks=pytest.mark.xfail(reason=BROKEN[c], strict=True)) if c in BROKEN else c
          for c in APPLIES]  # fmt: skip
 

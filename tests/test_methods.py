@@ -150,6 +150,9 @@ def test_adapter_counts_follow_the_formula(compose):
     assert pfeiffer["trainable_without_head"] == L * adapter
     t5, _ = counts(compose, "method=adapter_pfeiffer", "model=t5-base", f"method.bottleneck={m}")
     assert t5["trainable_without_head"] == 2 * L * adapter  # every encoder and decoder block
+    cfg = compose("method=adapter_pfeiffer", "model=t5-base", f"method.bottleneck={m}")
+    lm = apply_method(build_meta(cfg.model, lm=True), cfg.method, family(cfg.model, lm=True))  # rank classif.
+    assert sum(p.numel() for p in lm.parameters() if p.requires_grad) == 2 * L * adapter
 
 
 @pytest.mark.parametrize("model,d", [("roberta-base", 768), ("gpt2-medium", 1024), ("t5-base", 768)])

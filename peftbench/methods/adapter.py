@@ -103,7 +103,8 @@ def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
 
 
 def sites_of(model: nn.Module, sites: dict[str, str], placement: tuple[str, ...]) -> list[str]:
-    pattern = re.compile(r".*\.(" + "|".join(f"(?:{sites[k]})" for k in placement) + r")$")
+    # a site's path, at the root (T5's LM model: encoder.block...) or below a wrapper (transformer.encoder...)
+    pattern = re.compile(r"(?:.*\.)?(" + "|".join(f"(?:{sites[k]})" for k in placement) + r")$")
     return [n for n, _ in model.named_modules() if pattern.match(n)]
 
 

@@ -170,8 +170,35 @@ def apply(model: torch.nn.Module, cfg: DictConfig, fam: Family) -> torch.nn.Modu
     slots = _slots(model, targets)
     _to_buffers(targets, slots)
     model.add_module("intrinsic", subspace)
-    model.register_forward_pre_hook(_weight_writer(subspace, slots), with_kwargs=True)
+    write = _weight_writer(subspace, slots)
+    model.register_forward_pre_hook(write, with_kwargs=True)
+    get_encoder = getattr(model, "get_encoder", None)
+    encoder = get_encoder() if model.config.is_encoder_decoder and get_encoder else None
+    if encoder is not None:  # rank classification runs the encoder alone, once for every answer
+        _write_when_called_alone(model, encoder, write)
     return model
+
+
+def _write_when_called_alone(model: torch.nn.Module, encoder: torch.nn.Module, write) -> None:
+    """The encoder of a T5 / BART, called by itself (not from the model's forward, whose own hook has just
+    written the weights), writes θ₀ + P θ_d first: else it would read the weights of the previous forward,
+    whose graph a backward has freed."""
+    depth = 0
+
+    def enter(module, args, kwargs):
+        nonlocal depth
+        depth += 1
+
+    def leave(module, args, kwargs, output):
+        nonlocal depth
+        depth -= 1
+
+    def encoder_alone(module, args, kwargs):
+        return (args, kwargs) if depth else write(module, args, kwargs)
+
+    model.register_forward_pre_hook(enter, with_kwargs=True)
+    model.register_forward_hook(leave, with_kwargs=True, always_call=True)
+    encoder.register_forward_pre_hook(encoder_alone, with_kwargs=True)
 
 
 def _covered(model: torch.nn.Module, excluded: list) -> list[tuple[str, torch.nn.Parameter]]:

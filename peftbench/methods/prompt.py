@@ -149,7 +149,9 @@ def _drop_prompt_positions(module: nn.Module, output, n: int):
     output["last_hidden_state"] = output["last_hidden_state"][:, n:]
     pooler = getattr(module, "pooler", None)
     if pooler is not None and output.get("pooler_output") is not None:
-        output["pooler_output"] = pooler(output["last_hidden_state"])
+        h = output["last_hidden_state"]
+        act = getattr(module, "pooler_activation", None)  # ALBERT: a bare Linear + tanh on the first token
+        output["pooler_output"] = pooler(h) if act is None else act(pooler(h[:, 0]))
     return output
 
 

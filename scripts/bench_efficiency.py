@@ -25,17 +25,17 @@ import time
 
 import torch
 
-METHODS = (
-    "full",
-    "ft_top2",
-    "bitfit",
-    "lora",
-    "ia3",
-    "adapter_houlsby",
-    "adapter_pfeiffer",
-    "prefix_tuning",
-    "prompt_tuning",
-)
+
+def trained_methods() -> list[str]:
+    """Every method that trains (its module's capabilities), full fine-tuning first: the reference row."""
+    from peftbench.config import load_option
+    from peftbench.methods import capabilities
+    from peftbench.paths import group_options
+
+    names = [m for m in group_options("method") if capabilities(load_option("method", m)).trains]
+    return sorted(names, key=lambda m: m != "full")
+
+
 # offline: prompt tuning's default init reads the label words with the model's tokenizer (a download)
 OVERRIDES = {"prompt_tuning": ["method.init=random_uniform"]}
 
@@ -122,7 +122,7 @@ def table(rows: list[dict], memory: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="roberta-base")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=None, help="comma-separated (default: every method that trains)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=8)
@@ -138,7 +138,7 @@ def main() -> None:
     if a.worker:
         print(json.dumps(worker(a)))
         return
-    methods = a.methods.split(",")
+    methods = a.methods.split(",") if a.methods else trained_methods()
     if "full" not in methods:
         methods.insert(0, "full")
     start = time.perf_counter()

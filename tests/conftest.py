@@ -43,9 +43,12 @@ def require_data(*parts: str) -> Path:
     return path
 
 
-def overfit(setup, lr: float, steps: int, first_grads: set[str] | None = None) -> list[float]:
+def overfit(
+    setup, lr: float, steps: int, first_grads: set[str] | None = None, until: float | None = None
+) -> list[float]:
     """AdamW on one fixed batch of a prepared run, without dropout; the loss after each step. `first_grads`
-    (if given) receives the names of the parameters the first backward pass reached."""
+    (if given) receives the names of the parameters the first backward pass reached. `until`: stop early, at
+    the first step whose loss is below `until` x the first loss."""
     params = [p for p in setup.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     batch = next(iter(setup.train_loader))
@@ -59,6 +62,8 @@ def overfit(setup, lr: float, steps: int, first_grads: set[str] | None = None) -
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
+        if until is not None and losses[-1] < until * losses[0]:
+            break
     return losses
 
 

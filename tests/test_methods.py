@@ -1,6 +1,7 @@
 """The methods added to the classification runner (adapters, IA3, prompt tuning, P-tuning, prefix tuning):
-every method x family trains with only its own weights moving, the trainable counts equal the papers'
-formulas on the real model sizes (meta device), saved methods reload to identical logits, merges are exact."""
+each fits a batch on the real MiniLM, the trainable counts equal the papers' formulas on the real model sizes
+(meta device), saved methods reload to identical logits, merges are exact. (Every method x family x format
+trains with only its own weights moving: test_matrix.py.)"""
 
 import pytest
 import torch
@@ -20,9 +21,6 @@ OWN = {
     "p_tuning": ("prompt_encoder.",),
     "prefix_tuning": ("prefix_encoder.",),
 }
-LR = {"adapter_houlsby": 5e-3, "ia3": 5e-2, "prompt_tuning": 5e-2, "p_tuning": 1e-2, "prefix_tuning": 1e-2}
-NOT_APPLICABLE = {("prefix_tuning", "tiny-deberta"): "disentangled attention"}
-MATRIX = [(m, f) for m in OWN for f in FAMILIES]
 SMALL = ["task=rte", "task.max_length=48", "train.max_train_samples=16", "train.max_eval_samples=8"]
 EXTRA = {"p_tuning": ["method.hidden=32"]}  # a small prompt encoder for tiny models
 
@@ -33,43 +31,12 @@ def overrides(method, model, *more):
     return [f"model={model}", f"method={method}", *[o for o in base if o.split("=")[0] not in keys], *more]
 
 
-@pytest.mark.parametrize("method,model", MATRIX)
-def test_new_method_matrix(compose, method, model):
-    """Overfit 16 RTE pairs: loss falls, the base stays bit-identical, gradients reach only the method's
-    parameters and the head. A pair that does not apply raises its reason."""
-    require_data()
-    from peftbench.setup import prepare
-
-    cfg = compose(*overrides(method, model))
-    fam = family(cfg.model)
-    if (method, model) in NOT_APPLICABLE:
-        with pytest.raises(UserError, match=NOT_APPLICABLE[(method, model)]):
-            prepare(cfg, {})
-        return
-    setup = prepare(cfg, {})
-    m = setup.model
-    before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    head = set(fam.head)
-    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    in_head = {n for n in trainable if not head.isdisjoint(n.split("."))}
-    own = trainable - in_head
-    assert own and all(any(k in n for k in OWN[method]) for n in own), sorted(own)[:5]
-    got_grad: set[str] = set()
-    losses = overfit(setup, lr=LR.get(method, 2e-2), steps=30, first_grads=got_grad)  # no dropout
-    assert got_grad <= trainable and got_grad & own
-    # Random tiny BERT-likes give near-identical features for every input (see test_train.py: BitFit); the
-    # real MiniLM test below checks they learn. The others must fit the batch.
-    bert_like = fam.kind == "encoder"
-    assert losses[-1] < (losses[0] if bert_like else 0.7 * losses[0]), losses
-    moved = {n for n, p in m.named_parameters() if not torch.equal(p.detach(), before[n])}
-    assert moved <= trainable and moved & own
-    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters() if n not in trainable)
+# The real MiniLM fits a batch of 8 RTE pairs with every method: (factor the loss falls below, most steps).
+# BitFit and LoRA: under 0.5x; the others under 0.6x.
+MINILM = {**{m: (0.6, 20) for m in OWN}, "bitfit": (0.5, 30), "lora": (0.5, 30)}
 
 
-BERT_METHODS = list(OWN)
-
-
-@pytest.mark.parametrize("method", BERT_METHODS)
+@pytest.mark.parametrize("method", MINILM)
 def test_real_minilm_overfits(compose, method):
     require_data()
     from peftbench.setup import prepare
@@ -78,8 +45,9 @@ def test_real_minilm_overfits(compose, method):
     # prefix itself (mlp=false) must fit the batch as fast as the other methods.
     more = ["method.mlp=false"] if method == "prefix_tuning" else []
     cfg = compose(*overrides(method, "minilm", *more), "train.max_train_samples=8", "train.batch_size=8")
-    losses = overfit(prepare(cfg, {}), lr=1e-2, steps=20)
-    assert losses[-1] < 0.6 * losses[0], losses
+    factor, steps = MINILM[method]
+    losses = overfit(prepare(cfg, {}), lr=1e-2, steps=steps, until=factor)
+    assert losses[-1] < factor * losses[0], losses
 
 
 # --- trainable counts on the real paper models (meta device) ---------------------------------------------

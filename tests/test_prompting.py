@@ -1,6 +1,6 @@
 """Prompt format (answer choices ranked by the LM head): encoding per family, T-Few's losses on known values,
-every method training through the LM head, in-context learning's demonstrations, order sensitivity and
-contextual calibration."""
+in-context learning's demonstrations, order sensitivity and contextual calibration. (Every method training
+through the LM head: test_matrix.py, format prompt.)"""
 
 import json
 import math
@@ -131,53 +131,6 @@ def test_shared_context_scores_equal_one_sequence_per_choice(compose, model):
             for q in single.sequences(f)
         )
     )
-
-
-# every method x family through the LM head: (method, model) -> reason it does not apply
-NOT_APPLICABLE = {("bitfit", "tiny-t5"): "no bias terms"}
-METHODS = ["bitfit", "lora", "ia3", "adapter_houlsby", "prefix_tuning", "prompt_tuning", "p_tuning"]
-OWN = {
-    "bitfit": ("bias",),
-    "lora": ("lora_",),
-    "ia3": ("ia3_",),
-    "adapter_houlsby": (".adapter.", "LayerNorm", "layer_norm", "layernorm", "ln_"),
-    "prefix_tuning": ("prefix_encoder.",),
-    "prompt_tuning": ("prompt_encoder.",),
-    "p_tuning": ("prompt_encoder.",),
-}
-LR = {"lora": 2e-2, "ia3": 5e-2, "prompt_tuning": 0.1, "p_tuning": 3e-2, "prefix_tuning": 1e-2}
-
-
-@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-t5", "tiny-bart", "tiny-roberta"])
-@pytest.mark.parametrize("method", METHODS)
-def test_method_matrix_through_the_lm_head(compose, method, model):
-    """No new head: only the method's own parameters train (the LM head and the base stay bit-identical),
-    and the LM loss on the right answers falls."""
-    require_data()
-    from peftbench.setup import prepare
-
-    more = ["method.hidden=32"] if method == "p_tuning" else []
-    if model != "tiny-t5":  # GPT-2 BPE LMs at init 0.02 predict ~uniformly over 50,257 tokens: a sharper init
-        more.append("+model.dims.initializer_range=0.5")  # gives the frozen model something to steer
-    cfg = compose(f"model={model}", f"method={method}", *PROMPT, "train.batch_size=8", *more)
-    if (method, model) in NOT_APPLICABLE:
-        with pytest.raises(UserError, match=NOT_APPLICABLE[(method, model)]):
-            prepare(cfg, {})
-        return
-    s = prepare(cfg, {})
-    m = s.model
-    before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert trainable and all(any(k in n for k in OWN[method]) for n in trainable), sorted(trainable)[:5]
-    # a soft prompt moves only the encoder's input of a seq2seq model; the frozen random decoder of a
-    # 2-layer T5 / BART lets its loss fall slower (Lester et al. train for 30k steps)
-    slow = method in ("prompt_tuning", "p_tuning") and family(cfg.model).kind == "encoder-decoder"
-    got_grad: set[str] = set()
-    losses = overfit(s, lr=LR.get(method, 2e-2), steps=20 if slow else 10, first_grads=got_grad)
-    assert got_grad <= trainable
-    assert losses[-1] < (0.96 if slow else 0.9) * losses[0], losses
-    frozen = [n for n in before if n not in trainable]
-    assert frozen and all(torch.equal(m.get_parameter(n), before[n]) for n in frozen)
 
 
 def test_tfew_ia3_trains_end_to_end_with_all_three_losses(compose):

@@ -42,6 +42,8 @@ class Capabilities:
     changes_input: bool = False  # prepends to the sequence: no context pass shared between answer choices
     trains: bool = True  # has parameters to train (in-context learning does not)
     in_params_table: bool = True  # a row of `peftbench params`' default table
+    # what the names of the tensors it trains contain (one of these each; the task head aside); () = no rule
+    tensors: tuple[str, ...] = ()
 
 
 def method_module(method_cfg: DictConfig) -> ModuleType:

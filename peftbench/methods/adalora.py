@@ -25,7 +25,8 @@ from peftbench.methods import Capabilities, dropout_rate, positive_int, remember
 from peftbench.methods.lora import whole_targets
 from peftbench.models import Family
 
-CAN = Capabilities(exportable=True)  # peft merges P Λ Q (pruned triplets are zero) into the weights
+# peft merges P Λ Q (pruned triplets are zero) into the weights
+CAN = Capabilities(exportable=True, tensors=("lora_",))
 
 
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from peftbench.errors import UserError
-from peftbench.methods import freeze, positive_int, remember, unfreeze_head
+from peftbench.methods import Capabilities, freeze, positive_int, remember, unfreeze_head
 from peftbench.models import Family
 
 # Per family: module-path regexes whose OUTPUT is a sublayer's output before residual (+ LayerNorm).
@@ -48,6 +48,8 @@ SITES: dict[str, dict[str, str]] = {
 SITES["roberta"] = SITES["deberta-v2"] = SITES["bert"]
 PLACEMENTS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
 NORM_TYPES = ("LayerNorm", "T5LayerNorm")
+# the adapters, and (Houlsby) the LayerNorms by each family's names for them
+CAN = Capabilities(tensors=(".adapter.", "LayerNorm", "layer_norm", "layernorm", "ln_"))
 
 
 class Adapter(nn.Module):

@@ -13,7 +13,8 @@ from peftbench.errors import UserError
 from peftbench.methods import Capabilities, freeze, unfreeze_head
 from peftbench.models import Family
 
-CAN = Capabilities(exportable=True, fsdp=True)  # its trained tensors are the model's own weights
+# its trained tensors are the model's own weights
+CAN = Capabilities(exportable=True, fsdp=True, tensors=("bias",))
 
 
 def apply(model: torch.nn.Module, cfg: DictConfig, fam: Family) -> torch.nn.Module:

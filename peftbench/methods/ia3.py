@@ -25,7 +25,7 @@ from torch import nn
 from peftbench.methods import Capabilities, freeze, remember, unfreeze_head
 from peftbench.models import Family
 
-CAN = Capabilities(exportable=True)  # peft merges the vectors into the weights
+CAN = Capabilities(exportable=True, tensors=("ia3_",))  # peft merges the vectors into the weights
 
 
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:

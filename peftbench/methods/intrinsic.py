@@ -32,7 +32,8 @@ from peftbench.errors import UserError
 from peftbench.methods import Capabilities, positive_int
 from peftbench.models import FROZEN_SUFFIX, Family
 
-CAN = Capabilities(in_params_table=False)  # d trainable numbers: its table is intrinsic_dimension
+# d trainable numbers: its table is intrinsic_dimension
+CAN = Capabilities(in_params_table=False, tensors=("intrinsic.",))
 
 DENSE_LIMIT = 2**26  # dense projections, all tensors together: at most this many entries (256 MiB in fp32)
 

@@ -32,7 +32,8 @@ from peftbench.errors import UserError
 from peftbench.methods import Capabilities, dropout_rate, freeze, positive_int, remember, unfreeze_head
 from peftbench.models import Family
 
-CAN = Capabilities(exportable=True)  # finish() merges peft's B A (DoRA, PiSSA too) and FusedLoRA's slices
+# finish() merges peft's B A (DoRA, PiSSA too) and FusedLoRA's slices
+CAN = Capabilities(exportable=True, tensors=("lora_",))
 
 SLICES = ("q", "k", "v")
 FUSED = ("slices", "whole")  # method.fused on GPT-2's c_attn: our q / v slices, or peft on the whole matrix

@@ -19,7 +19,7 @@ from peftbench.errors import UserError
 from peftbench.methods import Capabilities, lora
 from peftbench.models import Family
 
-CAN = Capabilities(exportable=True)  # the adapter is LoRA's: merged into the weights
+CAN = Capabilities(exportable=True, tensors=("lora_",))  # the adapter is LoRA's: merged into the weights
 
 
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:

@@ -21,7 +21,7 @@ from peftbench.models import Family
 
 ENCODERS = ("lstm", "mlp", "emb")
 PLACEMENTS = ("prepend", "template")
-CAN = Capabilities(changes_input=True)
+CAN = Capabilities(changes_input=True, tensors=("prompt_encoder.",))
 
 
 def anchored(cfg: DictConfig) -> bool:

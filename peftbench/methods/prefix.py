@@ -32,7 +32,8 @@ from peftbench.errors import UserError
 from peftbench.methods import Capabilities, freeze, positive_int, remember, unfreeze_head
 from peftbench.models import Family
 
-CAN = Capabilities(changes_input=True)  # key / value prefixes: one sequence per answer choice
+# key / value prefixes: one sequence per answer choice
+CAN = Capabilities(changes_input=True, tensors=("prefix_encoder.",))
 
 IMPL = "peftbench_prefix"
 ATTENTION = {

@@ -15,7 +15,7 @@ from peftbench.methods.prompt import apply_prompt
 from peftbench.models import Family
 
 INITS = ("random_uniform", "sampled_vocab", "class_label")
-CAN = Capabilities(changes_input=True)
+CAN = Capabilities(changes_input=True, tensors=("prompt_encoder.",))
 
 
 def check(cfg: DictConfig, fam: Family, fmt: str) -> None:

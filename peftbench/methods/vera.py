@@ -18,7 +18,7 @@ from peftbench.methods import Capabilities, dropout_rate, positive_int, remember
 from peftbench.methods.lora import whole_targets
 from peftbench.models import Family
 
-CAN = Capabilities(exportable=True)  # peft merges Λ_b B Λ_d A into the weights
+CAN = Capabilities(exportable=True, tensors=("vera_",))  # peft merges Λ_b B Λ_d A into the weights
 
 
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:

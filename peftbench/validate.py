@@ -3,6 +3,9 @@ minutes of loading, and every point of a sweep is checked before the first one r
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 from omegaconf import DictConfig
 
@@ -145,6 +148,15 @@ def pair_families() -> list[str]:
 def pairs() -> list[tuple[str, str, str, str | None]]:
     """(method, family, format, reason it does not apply or None) for every method x family x task format,
     decided by applying the method to the family's tiny model on the meta device."""
+    from peftbench.paths import config_dir
+
+    return list(_pairs(config_dir()))
+
+
+@functools.cache
+def _pairs(configs: Path) -> tuple[tuple[str, str, str, str | None], ...]:
+    """pairs() of one config folder, worked out once per process (a few seconds: every method on every
+    family's meta model)."""
     from peftbench.config import compose, load_option
     from peftbench.paths import group_options
     from peftbench.setup import meta_model
@@ -166,4 +178,4 @@ def pairs() -> list[tuple[str, str, str, str | None]]:
                 except UserError as e:
                     reason = str(e)
                 out.append((method, fam, fmt, reason))
-    return out
+    return tuple(out)

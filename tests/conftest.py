@@ -14,9 +14,11 @@ if "PEFTBENCH_DATA_DIR" not in os.environ and _shared.is_dir():
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# 2 cores in CI; on a machine busy with other work, PEFTBENCH_TEST_THREADS=1 avoids threads waiting on
-# each other (an oversubscribed core makes torch's parallel regions many times slower)
-torch.set_num_threads(int(os.environ.get("PEFTBENCH_TEST_THREADS", "2")))
+# 2 cores in CI: one test process with 2 threads, or (pytest -n 2) two with one each. On a machine busy with
+# other work, PEFTBENCH_TEST_THREADS=1 avoids threads waiting on each other (an oversubscribed core makes
+# torch's parallel regions many times slower)
+_threads = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
+torch.set_num_threads(int(os.environ.get("PEFTBENCH_TEST_THREADS", _threads)))
 
 DATA = Path(os.environ["PEFTBENCH_DATA_DIR"]) if os.environ.get("PEFTBENCH_DATA_DIR") else None
 

@@ -68,18 +68,6 @@ def test_the_table_covers_every_method_family_and_format():
     assert {m for m, _, _ in APPLIES} == set(group_options("method"))  # every method applies somewhere
 
 
-@pytest.mark.parametrize(
-    "method,fam,fmt,why",
-    [
-        ("prefix_tuning", "deberta", "head", "DeBERTa's disentangled attention"),
-        ("bitfit", "t5", "head", "no bias terms"),
-        ("bitfit", "t5", "prompt", "no bias terms"),
-    ],
-)
-def test_a_cell_that_does_not_apply_says_why(method, fam, fmt, why):
-    assert why in {(m, f, x): w for m, f, x, w in TABLE}[(method, fam, fmt)]
-
-
 @pytest.mark.parametrize("method,fam,fmt", CASES, ids=["-".join(c) for c in APPLIES])
 def test_matrix_cell_trains_only_the_methods_parameters(compose, method, fam, fmt):
     require_data()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 HEARTBEAT_S = 10.0
+UNWRITTEN_S = 5.0  # a lock its writer creates and fills at once: still empty after this, it never will be
 GUARD_STALE_S = 60.0  # a take-over guard older than this was left by a crash in the middle of a take-over
 
 
@@ -47,9 +48,10 @@ class RunLock:
 
 def read_lock(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
+        info = json.loads(path.read_text())
     except (OSError, ValueError):
         return None  # gone, or created a moment ago and not yet written
+    return info if isinstance(info, dict) else None
 
 
 def try_lock(path: Path, stale_after_s: float) -> RunLock | None:
@@ -81,7 +83,10 @@ def stale_reason(path: Path, stale_after_s: float) -> str | None:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return "gone"
-    info = read_lock(path) or {}
+    info = read_lock(path)
+    if info is None and age > UNWRITTEN_S:  # e.g. created on a full disk: its writer never got to write it
+        return f"empty or unreadable lock file ({path.stat().st_size} bytes, {age:.0f} s old)"
+    info = info or {}
     if info.get("host") == socket.gethostname() and not pid_alive(int(info.get("pid", 0))):
         return f"pid {info['pid']} is not running"
     if age > stale_after_s:

@@ -42,7 +42,12 @@ def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path,
     if not params or cfg.train.max_steps == 0:  # nothing trains (ICL), or a baseline of the model as loaded
         return evaluate_only(cfg, record, s, acc)
     r = Training.start(cfg, s, acc, params, artifacts, record)
-    train(r, record, record_path)
+    try:
+        train(r, record, record_path)
+    except Diverged:  # the record keeps what came before: the finite losses, the evaluations
+        r.p.losses.pop()  # non-finite: the error says it (JSON has no NaN)
+        finish_record(cfg, record, acc, r.p, r.steps_per_epoch)
+        raise
     finish_record(cfg, record, acc, r.p, r.steps_per_epoch)
     record["checkpoint"].update(saved=r.ckpt.saved, bytes=r.ckpt.bytes)  # bytes: the last checkpoint's size
     model = acc.unwrap_model(r.model)
@@ -180,7 +185,7 @@ def step(r: Training, batch: dict[str, torch.Tensor]) -> bool:
         if r.adjust_loss:
             loss = r.adjust_loss(acc.unwrap_model(r.model), loss, method)
         acc.backward(loss)
-        if acc.sync_gradients:
+        if acc.sync_gradients and r.cfg.train.max_grad_norm is not None:  # null: no clipping
             acc.clip_grad_norm_(r.params, r.cfg.train.max_grad_norm)
         r.opt.step()
         r.sched.step()
@@ -194,8 +199,14 @@ def step(r: Training, batch: dict[str, torch.Tensor]) -> bool:
     if not acc.sync_gradients:
         return False
     p.step += 1
-    p.losses.append(round(acc.reduce(loss.detach(), "mean").item(), 5))
+    p.losses.append(round(acc.reduce(loss.detach(), "mean").item(), 5))  # the same on every process
+    if not math.isfinite(p.losses[-1]):
+        raise Diverged(f"the train loss is {p.losses[-1]} at step {p.step} (train.lr={r.cfg.train.lr})")
     return True
+
+
+class Diverged(Exception):
+    """A NaN or infinite train loss: the run stops and its record says `diverged`."""
 
 
 def evaluate_now(r: Training) -> None:

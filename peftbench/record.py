@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -49,12 +50,22 @@ def run_id(cfg: DictConfig) -> str:
     return f"{cfg.task.name}__{cfg.model.name}__{cfg.method.name}__s{cfg.seed}__{digest}"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+
+
 def write_atomic(path: Path, text: str | bytes) -> None:
     """Write to a temp file in the same folder, fsync, rename: a crash leaves the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = "wb" if isinstance(text, bytes) else "w"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # as open() would make it (mkstemp makes 0600: unreadable to a team)
         with os.fdopen(fd, mode) as f:
             f.write(text)
             f.flush()
@@ -79,13 +90,30 @@ def load_records(folder: Path) -> list[dict[str, Any]]:
         raise UserError(
             f"no results folder {str(folder)!r}: run `peftbench train` first or pass --results DIR"
         )
-    records = []
+    by_id: dict[str, tuple[Path, dict[str, Any]]] = {}
     for path in sorted(folder.glob("*.json")):
         try:
-            records.append(read_record(path))
+            record = read_record(path)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: not a valid record ({e}); delete it and rerun the run") from None
-    return records
+        rid = record.get("run_id", str(path))
+        if rid in by_id:  # a copy (e.g. "x copy.json"): one run counts once, its final record if any
+            kept, other = by_id[rid], (path, record)
+            if _rank(other[1]) > _rank(kept[1]):
+                kept, other = other, kept
+            print(
+                f"[peftbench] warning: {other[0]} is another record of run {rid}; counting {kept[0]}",
+                file=sys.stderr,
+            )
+            by_id[rid] = kept
+        else:
+            by_id[rid] = (path, record)
+    return [record for _, record in by_id.values()]
+
+
+def _rank(record: dict[str, Any]) -> tuple[bool, str]:
+    """Which of two records of one run counts: a finished one, then the later."""
+    return record.get("status") == "finished", str(record.get("finished_at") or "")
 
 
 def check_writable(folder: Path) -> None:

@@ -4,6 +4,9 @@ train` runs for each point of a sweep or preset."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -20,7 +23,7 @@ from peftbench import checkpoint
 from peftbench.env import git_sha, versions
 from peftbench.errors import UserError
 from peftbench.lock import RunLock, describe, try_lock
-from peftbench.loop import on_cpu, train_and_evaluate
+from peftbench.loop import Diverged, on_cpu, train_and_evaluate
 from peftbench.record import check_writable, read_record, run_id, save_record
 from peftbench.validate import validate
 
@@ -85,13 +88,18 @@ def execute_data_parallel(cfg: DictConfig, state: PartialState, rid: str, path: 
             lock.release()
 
 
-def finished(path: Path) -> dict[str, Any] | None:
+FINAL = ("finished", "diverged")  # a rerun of the same config gives the same: skipped unless train.force
+
+
+def finished(path: Path, quiet: bool = False) -> dict[str, Any] | None:
+    """The run's final record (finished or diverged), if it has one."""
     try:
         old = read_record(path)
     except (OSError, ValueError):  # no record yet, or not one of ours: this run writes it
         return None
-    if old.get("status") == "finished":
-        print(f"[peftbench] skip {old['run_id']}: finished record {path}")
+    if old.get("status") in FINAL:
+        if not quiet:
+            print(f"[peftbench] skip {old['run_id']}: {old['status']} record {path}")
         return old
     return None
 
@@ -128,21 +136,16 @@ def run_locked(cfg: DictConfig, rid: str, path: Path) -> dict[str, Any]:
     """Train, evaluate and record one run. With several processes only the main one writes (record,
     checkpoints, adapter, predictions); the others pass `path=None` down."""
     state = PartialState()
-    artifacts = path.parent / rid
-    if state.is_main_process:
-        if cfg.train.force:
-            checkpoint.clear(artifacts / "checkpoint")  # a forced rerun starts from scratch
-        else:
-            checkpoint.clean_temp(artifacts / "checkpoint")  # half-written by a killed process
-    state.wait_for_everyone()  # nobody reads the checkpoint before it is cleared
-    if not state.is_main_process:
-        path = None
+    final_path, final_artifacts = path, path.parent / rid
+    path, artifacts = where_to_work(cfg, path, final_artifacts, state)
     record = new_record(cfg, rid)
     save_record(path, record)
     t_start = time.perf_counter()
     try:
         train_and_evaluate(cfg, record, artifacts, path)
         record["status"] = "finished"
+    except Diverged as e:
+        record.update(status="diverged", error=str(e))
     except KeyboardInterrupt as e:
         record.update(status="interrupted", error=f"KeyboardInterrupt {e}".strip())
         raise
@@ -167,11 +170,55 @@ def run_locked(cfg: DictConfig, rid: str, path: Path) -> dict[str, Any]:
             if record["status"] == "finished":
                 raise
             # already failing: the first error is the one to report
-    if path is not None:
-        checkpoint.clear(artifacts / "checkpoint")  # the record is final; the checkpoint has done its job
+    if path is None:
+        return record
+    checkpoint.clear(artifacts / "checkpoint")  # the record is final; the checkpoint has done its job
+    if path != final_path:
+        record = replace_final(record, path, artifacts, final_path, final_artifacts)
+    if record["status"] == "diverged":
         print(
-            f"[peftbench] {rid}: best {record['main_metric']}={record['best']['metrics'][record['main_metric']]:.2f} -> {path}"
+            f"[peftbench] {rid}: diverged: {record['error']}; lower train.lr or keep train.max_grad_norm on"
         )
+    else:
+        best = record["best"]["metrics"][record["main_metric"]]
+        print(f"[peftbench] {rid}: best {record['main_metric']}={best:.2f} -> {final_path}")
+    return record
+
+
+def where_to_work(
+    cfg: DictConfig, path: Path, artifacts: Path, state: PartialState
+) -> tuple[Path | None, Path]:
+    """(record path or None off the main process, run folder). A forced rerun of a run with a final record
+    works beside it (<id>.json.rerun, <id>.rerun/) and replaces it only when it finishes: killed or failed,
+    it leaves the final record and its files as they were. The checkpoint is cleared (forced) or its
+    half-written temp removed before any process reads it."""
+    beside = [bool(cfg.train.force and state.is_main_process and finished(path, quiet=True))]
+    broadcast_object_list(beside)
+    if beside[0]:
+        path, artifacts = path.with_name(path.name + ".rerun"), artifacts.with_name(artifacts.name + ".rerun")
+    if state.is_main_process:
+        if cfg.train.force:
+            checkpoint.clear(artifacts / "checkpoint")  # a forced rerun starts from scratch
+        else:
+            checkpoint.clean_temp(artifacts / "checkpoint")  # half-written by a killed process
+    state.wait_for_everyone()  # nobody reads the checkpoint before it is cleared
+    return (path if state.is_main_process else None), artifacts
+
+
+def replace_final(record: dict, path: Path, artifacts: Path, final_path: Path, final_artifacts: Path) -> dict:
+    """A forced rerun's final record and files take the place of the old ones (paths in the record too)."""
+    text = json.dumps(record).replace(
+        json.dumps(str(artifacts))[1:-1], json.dumps(str(final_artifacts))[1:-1]
+    )
+    record = json.loads(text)
+    save_record(path, record)
+    old = final_artifacts.with_name(f"{final_artifacts.name}.old-{os.getpid()}")
+    if final_artifacts.exists():
+        final_artifacts.rename(old)
+    if artifacts.exists():
+        artifacts.rename(final_artifacts)
+    os.replace(path, final_path)
+    shutil.rmtree(old, ignore_errors=True)
     return record
 
 

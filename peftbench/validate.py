@@ -54,6 +54,9 @@ def check_train(t: DictConfig) -> None:
         raise choice_error("train.optimizer", t.optimizer, OPTIMIZERS)
     if t.weight_decay < 0:
         raise UserError(f"train.weight_decay={t.weight_decay!r}: must be >= 0")
+    # clip_grad_norm_ scales the gradient by max_norm / norm: a negative max_norm flips it (gradient ascent),
+    # 0 zeroes it
+    _positive(t.max_grad_norm, "train.max_grad_norm", (int, float), allow_none=True)
     if t.eval_every != "epoch":
         _positive(t.eval_every, "train.eval_every")
     if t.checkpoint_every not in ("epoch", None):

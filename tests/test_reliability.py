@@ -3,8 +3,10 @@ atomic; one process per run id (locks, stale-lock take-over); every bad input is
 
 import errno
 import json
+import math
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -367,6 +369,8 @@ BAD_INPUTS = [
     ("dropout out of range", ["method.dropout=1.5"], None, "method.dropout=1.5"),
     ("checkpoint_every", ["train.checkpoint_every=sometimes"], None, "train.checkpoint_every='sometimes'"),
     ("lock_wait_s", ["train.lock_wait_s=-1"], None, "train.lock_wait_s=-1"),
+    ("negative max_grad_norm", ["train.max_grad_norm=-1"], None, "train.max_grad_norm=-1: must be a positive"),
+    ("max_grad_norm 0", ["train.max_grad_norm=0"], None, "train.max_grad_norm=0: must be a positive"),
     ("mixed precision", ["train.mixed_precision=fp32"], None, "unknown train.mixed_precision 'fp32'"),
     ("device", ["train.device=tpu"], None, "unknown train.device 'tpu'"),
     (
@@ -448,3 +452,83 @@ def test_unknown_verb_and_debug_flag(capsys):
 def test_debug_shows_the_traceback_in_a_real_process(tmp_path):
     r = run_cli("--debug", "train", "seed=x", env={"PEFTBENCH_LOG_DIR": str(tmp_path)})
     assert r.returncode != 0 and "Traceback" in r.stderr and "seed='x'" in r.stderr
+
+
+# --- nothing finished is lost; divergence is a status -----------------------------------------------------
+
+
+def test_a_diverging_run_ends_as_diverged_and_is_not_rerun(compose, capsys):
+    require_data()
+    cfg = compose(*SMALL, "train.lr=1e9", "train.max_steps=6")
+    rec = execute(cfg)
+    assert rec["status"] == "diverged" and "train.lr=1000000000.0" in rec["error"], rec["error"]
+    steps = rec["train"]["steps"]  # it stopped at the first non-finite loss; the record has the finite ones
+    assert steps < 6 and f"at step {steps} " in rec["error"] and len(rec["train"]["loss_curve"]) == steps - 1
+    assert all(math.isfinite(x) for x in rec["train"]["loss_curve"])
+    path = Path(cfg.paths.results) / "runs" / f"{rec['run_id']}.json"
+    assert json.loads(path.read_text())["status"] == "diverged"
+    assert "diverged" in capsys.readouterr().out
+    again = execute(cfg)  # the same config diverges the same way: skipped, as a finished run is
+    assert "skip" in capsys.readouterr().out and again["finished_at"] == rec["finished_at"]
+
+
+def test_no_clipping_with_max_grad_norm_null(compose):
+    require_data()
+    rec = execute(compose(*SMALL, "train.max_grad_norm=null", "train.max_steps=2"))
+    assert rec["status"] == "finished"
+
+
+def test_a_killed_forced_rerun_leaves_the_finished_record_and_its_files(compose, monkeypatch):
+    require_data()
+    args = [*SMALL, "train.max_steps=6"]
+    cfg = compose(*args)
+    first = execute(cfg)
+    folder = Path(cfg.paths.results) / "runs"
+    path, files = folder / f"{first['run_id']}.json", folder / first["run_id"]
+    before = {f: f.read_bytes() for f in sorted(files.rglob("*")) if f.is_file()}
+    assert before and first["status"] == "finished"
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        execute(compose(*args, "train.force=true"))
+    assert json.loads(path.read_text()) == first  # the finished record, untouched
+    assert {f: f.read_bytes() for f in sorted(files.rglob("*")) if f.is_file()} == before
+    side = json.loads(path.with_name(path.name + ".rerun").read_text())
+    assert side["status"] == "interrupted"
+    monkeypatch.setattr("peftbench.loop.kill_point", lambda where, at: None)
+    again = execute(compose(*args, "train.force=true"))  # finishes: replaces the record and its files
+    assert again["status"] == "finished" and json.loads(path.read_text()) == again
+    assert again["started_at"] >= first["started_at"] and again["adapter"]["path"] == first["adapter"]["path"]
+    assert Path(again["adapter"]["path"]).is_dir() and not list(folder.glob("*.rerun*"))
+    assert not list(folder.glob("*.old-*"))
+
+
+def test_records_have_the_umask_mode(tmp_path):
+    from peftbench.record import UMASK, write_record
+
+    write_record(tmp_path / "r.json", {"a": 1})
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o666 & ~UMASK
+
+
+def test_an_empty_lock_is_stale_once_it_is_older_than_a_moment(tmp_path):
+    from peftbench.lock import UNWRITTEN_S, try_lock
+
+    lock = tmp_path / "run.lock"
+    lock.write_text("")  # what a full disk leaves: the file, not its content
+    assert try_lock(lock, stale_after_s=600) is None  # just made: its writer may be filling it
+    old = time.time() - UNWRITTEN_S - 1
+    os.utime(lock, (old, old))
+    taken = try_lock(lock, stale_after_s=600)
+    assert taken is not None and json.loads(lock.read_text())["pid"] == os.getpid()
+    taken.release()
+
+
+def test_two_records_of_one_run_count_once(tmp_path, capsys):
+    from peftbench.record import load_records, write_record
+
+    done = {"run_id": "r1", "status": "finished", "finished_at": "2026-01-01T00:00:00"}
+    write_record(tmp_path / "r1 copy.json", {**done, "status": "failed"})
+    write_record(tmp_path / "r1.json", done)
+    write_record(tmp_path / "r2.json", {"run_id": "r2", "status": "finished"})
+    assert [(r["run_id"], r["status"]) for r in load_records(tmp_path)] == [("r1", "finished"), ("r2", "finished")]
+    err = capsys.readouterr().err
+    assert "r1 copy.json is another record of run r1; counting" in err and err.count("\n") == 1

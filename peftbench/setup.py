@@ -18,7 +18,7 @@ from peftbench.errors import UserError
 from peftbench.formats import Format, format_class, model_family, model_kind
 from peftbench.methods import apply_method, hook, stored_count
 from peftbench.models import Family, base_model, build_meta, count, load_model, transformer_blocks
-from peftbench.tasks import TaskData, load_task
+from peftbench.tasks import TaskData, check_rows, load_task
 from peftbench.tasks.classification import shot_seed
 
 
@@ -59,6 +59,7 @@ def prepare(cfg: DictConfig, record: dict[str, Any], artifacts: Path | None = No
     if cfg.train.num_threads:
         torch.set_num_threads(int(cfg.train.num_threads))
     task = load_task(cfg.task, seed=int(cfg.seed), max_train=cfg.train.max_train_samples)
+    check_rows(task, needs_train=cfg.train.max_steps != 0)
     fmt_cls, fam = format_class(cfg), model_family(cfg)
     model, tokenizer = load_model(cfg.model, model_kind(cfg), max(1, len(task.label_names)), lm=fmt_cls.lm)
     if cfg.train.gradient_checkpointing:  # keep only the blocks' inputs; recompute the rest in backward

@@ -331,6 +331,21 @@ def fake_data(root: Path, train: str | None, dev: bool = True) -> Path:
     return root
 
 
+def raw_data(root: Path, task: str, files: dict[str, bytes]) -> Path:
+    """A data folder with one task's files, byte for byte (RTE: a good dev file unless given)."""
+    folder = root / task
+    folder.mkdir(parents=True)
+    if task == "glue/RTE" and "dev.tsv" not in files:
+        files = {**files, "dev.tsv": b"index\tsentence1\tsentence2\tlabel\n0\tA.\tB.\tentailment\n"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return root
+
+
+E2E_ROW = b'"name[Aromi], eatType[pub]",Aromi is a pub.\r\n'
+E2E_FILES = {"devset.csv": b"mr,ref\r\n" + E2E_ROW * 4}
+
+
 def not_writable(tmp_path: Path) -> Path:
     f = tmp_path / "a_file"
     f.write_text("")
@@ -369,7 +384,12 @@ BAD_INPUTS = [
     ("dropout out of range", ["method.dropout=1.5"], None, "method.dropout=1.5"),
     ("checkpoint_every", ["train.checkpoint_every=sometimes"], None, "train.checkpoint_every='sometimes'"),
     ("lock_wait_s", ["train.lock_wait_s=-1"], None, "train.lock_wait_s=-1"),
-    ("negative max_grad_norm", ["train.max_grad_norm=-1"], None, "train.max_grad_norm=-1: must be a positive"),
+    (
+        "negative max_grad_norm",
+        ["train.max_grad_norm=-1"],
+        None,
+        "train.max_grad_norm=-1: must be a positive",
+    ),
     ("max_grad_norm 0", ["train.max_grad_norm=0"], None, "train.max_grad_norm=0: must be a positive"),
     ("mixed precision", ["train.mixed_precision=fp32"], None, "unknown train.mixed_precision 'fp32'"),
     ("device", ["train.device=tpu"], None, "unknown train.device 'tpu'"),
@@ -414,6 +434,50 @@ BAD_INPUTS = [
         RTE,
         lambda tmp, mp: {"PEFTBENCH_DATA_DIR": str(fake_data(tmp / "d", "8\tA.\tB.\tmaybe\n"))},
         "unknown label 'maybe'",
+    ),
+    (
+        "train file header only",
+        RTE,
+        lambda tmp, mp: {
+            "PEFTBENCH_DATA_DIR": str(
+                raw_data(tmp, "glue/RTE", {"train.tsv": b"index\tsentence1\tsentence2\tlabel\n"})
+            )
+        },
+        "task rte: the train split has no rows",
+    ),
+    (
+        "train file empty",
+        RTE,
+        lambda tmp, mp: {"PEFTBENCH_DATA_DIR": str(raw_data(tmp, "glue/RTE", {"train.tsv": b""}))},
+        "RTE/train.tsv: empty file",
+    ),
+    (
+        "train file not UTF-8",
+        RTE,
+        lambda tmp, mp: {
+            "PEFTBENCH_DATA_DIR": str(
+                raw_data(
+                    tmp,
+                    "glue/RTE",
+                    {"train.tsv": b"index\tsentence1\tsentence2\tlabel\n0\tA \xff.\tB.\tentailment\n"},
+                )
+            )
+        },
+        "RTE/train.tsv: not UTF-8 text (byte 0xff",
+    ),
+    (
+        "E2E unclosed quote",
+        ["task=e2e", "model=tiny-gpt2", *QUICK],
+        lambda tmp, mp: {
+            "PEFTBENCH_DATA_DIR": str(
+                raw_data(
+                    tmp,
+                    "e2e",
+                    {**E2E_FILES, "trainset.csv": b"mr,ref\r\n" + E2E_ROW + b'"name[X],x\r\n' + E2E_ROW * 3},
+                )
+            )
+        },
+        "e2e/trainset.csv:4: malformed row (an unclosed quote",
     ),
     (
         "results not writable",
@@ -529,6 +593,9 @@ def test_two_records_of_one_run_count_once(tmp_path, capsys):
     write_record(tmp_path / "r1 copy.json", {**done, "status": "failed"})
     write_record(tmp_path / "r1.json", done)
     write_record(tmp_path / "r2.json", {"run_id": "r2", "status": "finished"})
-    assert [(r["run_id"], r["status"]) for r in load_records(tmp_path)] == [("r1", "finished"), ("r2", "finished")]
+    assert [(r["run_id"], r["status"]) for r in load_records(tmp_path)] == [
+        ("r1", "finished"),
+        ("r2", "finished"),
+    ]
     err = capsys.readouterr().err
     assert "r1 copy.json is another record of run r1; counting" in err and err.count("\n") == 1

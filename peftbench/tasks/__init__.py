@@ -7,11 +7,16 @@ once per task.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_method
 from omegaconf import DictConfig
+
+from peftbench.errors import UserError
 
 
 @dataclass
@@ -35,3 +40,26 @@ class TaskData:
 
 def load_task(task_cfg: DictConfig, seed: int, max_train: int | None = None) -> TaskData:
     return get_method(task_cfg._target_)(task_cfg, seed=seed, max_train=max_train)
+
+
+@contextmanager
+def text_file(path: Path) -> Iterator[None]:
+    """Reading a data file: a byte that is not UTF-8 is one line naming the file, not a decoder traceback."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        bad = e.object[e.start : e.start + 1].hex()
+        raise UserError(
+            f"{path}: not UTF-8 text (byte 0x{bad} at offset {e.start} of a chunk); re-save it as UTF-8"
+        ) from None
+
+
+def check_rows(task: TaskData, needs_train: bool) -> None:
+    """An empty split would train forever (no batch ever comes) or score nothing: say which file it is."""
+    splits = (["train"] if needs_train else []) + ["validation"]
+    for split in splits:
+        if not getattr(task, split):
+            where = task.sources.get(split) or task.sources.get("train") or "its source"
+            raise UserError(
+                f"task {task.name}: the {split} split has no rows ({where}: empty, or a header only?)"
+            )

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from peftbench.errors import UserError, choice_error
 from peftbench.paths import data_dir
-from peftbench.tasks import TaskData
+from peftbench.tasks import TaskData, text_file
 
 SPLITS = ("train", "validation")
 
@@ -182,9 +182,11 @@ def _read_local(cfg: DictConfig, path: Path) -> list[dict]:
 
 def _read_tsv(cfg: DictConfig, path: Path) -> list[tuple[int, dict]]:
     columns = OmegaConf.to_container(cfg.local.columns)
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f, text_file(path):
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader) if cfg.local.get("header", True) else None
+        header = next(reader, None) if cfg.local.get("header", True) else None
+        if header is None and cfg.local.get("header", True):
+            raise UserError(f"{path}: empty file (not even its header row)")
         index = {}
         for field, col in columns.items():
             if isinstance(col, int):
@@ -209,7 +211,7 @@ def _read_tsv(cfg: DictConfig, path: Path) -> list[tuple[int, dict]]:
 def _read_jsonl(cfg: DictConfig | None, path: Path, flatten: bool = True) -> list[tuple[int, dict]]:
     """(line number, row) of a JSON-lines file, gzipped if it ends in .gz; `flatten`: as the task's rows."""
     out = []
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f, text_file(path):
         for line, text in enumerate(f, start=1):
             if not text.strip():
                 continue

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from peftbench.errors import UserError, choice_error
 from peftbench.paths import data_dir
-from peftbench.tasks import TaskData
+from peftbench.tasks import TaskData, text_file
 from peftbench.tasks.classification import hub_rows, select_train
 
 SPLITS = ("train", "validation", "test")
@@ -108,11 +108,19 @@ def _group(pairs: list[tuple[str, str]], linearise: Callable[[str], str]) -> lis
 
 
 def read_e2e(path: Path, split: str) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and not {"mr", "ref"} <= set(rows[0]):
-        raise UserError(f"{path}:1: expected the columns mr,ref (found: {','.join(rows[0])})")
-    return _group([(r["mr"], r["ref"]) for r in rows], e2e_source)
+    with open(path, encoding="utf-8", newline="") as f, text_file(path):
+        reader = csv.DictReader(f)
+        if reader.fieldnames is not None and not {"mr", "ref"} <= set(reader.fieldnames):
+            raise UserError(f"{path}:1: expected the columns mr,ref (found: {','.join(reader.fieldnames)})")
+        pairs = []
+        for row in reader:  # an unclosed quote swallows the next rows: their MRs land inside this field
+            merged = "\n" in (row.get("mr") or "") or "name[" in (row.get("ref") or "")
+            if None in row or None in row.values() or merged:
+                raise UserError(
+                    f"{path}:{reader.line_num}: malformed row (an unclosed quote, or not the 2 fields mr,ref)"
+                )
+            pairs.append((row["mr"], row["ref"]))
+    return _group(pairs, e2e_source)
 
 
 def hub_e2e(rows: list[dict]) -> list[dict]:

@@ -119,6 +119,21 @@ def table(rows: list[dict], memory: str) -> str:
     return "\n".join(lines)
 
 
+def write_json(a: argparse.Namespace, rows: list[dict]) -> None:
+    """The rows with the settings, the tokens of a step and the device's peak FLOP/s (for MFU)."""
+    from peftbench.env import peak_flops
+
+    device = torch.device(a.device)
+    peak, peak_what = peak_flops(device, "bf16" if a.bf16 else "no")
+    out = {
+        "model": a.model, "batch": a.batch, "seq_len": a.seq_len, "steps": a.steps, "device": a.device,
+        "bf16": a.bf16, "tokens_per_step": a.batch * a.seq_len, "peak_flops": peak, "peak_what": peak_what,
+        "torch": torch.__version__, "rows": rows,
+    }  # fmt: skip
+    with open(a.json, "w") as f:
+        json.dump(out, f, indent=2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="roberta-base")
@@ -131,6 +146,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--latency", action="store_true", help="also run scripts/bench_latency.py on this model")
+    p.add_argument("--json", default=None, help="also write the rows and settings to this JSON file")
     p.add_argument("--worker", action="store_true")
     p.add_argument("--method", default="full")
     a = p.parse_args()
@@ -150,6 +166,8 @@ def main() -> None:
         f"torch {torch.__version__}; {time.perf_counter() - start:.0f} s"
     )
     print(table(rows, memory))
+    if a.json:
+        write_json(a, rows)
     if a.latency:
         cmd = [
             sys.executable,

@@ -116,31 +116,12 @@ def summarise_record(rec: dict) -> dict:
 
 def check_step(model: str, a: argparse.Namespace) -> dict:
     path = Path(a.out) / f"step_{model}.json"
-    cmd = [
-        sys.executable,
-        str(SCRIPTS / "bench_efficiency.py"),
-        "--methods",
-        "full,lora",
-        "--json",
-        str(path),
-    ]
-    if a.cpu:
-        cmd += [
-            "--model",
-            TOY_MODELS[model],
-            "--device",
-            "cpu",
-            "--batch",
-            "2",
-            "--seq-len",
-            "16",
-            "--steps",
-            "1",
-        ]
-        cmd += ["--warmup", "1", "--threads", "1"]
+    cmd = [sys.executable, str(SCRIPTS / "bench_efficiency.py"), "--methods", "full,lora", "--json", str(path)]
+    if a.cpu:  # toy sizes: 1 step of batch 2 x 16 tokens
+        cmd += ["--model", TOY_MODELS[model], "--device", "cpu", "--batch", "2", "--seq-len", "16", "--steps", "1",
+                "--warmup", "1", "--threads", "1"]  # fmt: skip
     else:
-        cmd += ["--model", model, "--device", "cuda", "--bf16", "--batch", "16", "--seq-len", "256"]
-        cmd += ["--steps", "10"]
+        cmd += ["--model", model, "--device", "cuda", "--bf16", "--batch", "16", "--seq-len", "256", "--steps", "10"]
     done = run(cmd, timeout=600)
     if done.returncode != 0:
         return {"status": "failed", "reason": (done.stderr.strip().splitlines() or ["no output"])[-1]}

@@ -19,16 +19,15 @@ from transformers import get_linear_schedule_with_warmup
 from peftbench.checkpoint import Checkpointer, Progress, set_rng_states
 from peftbench.cost import add_training
 from peftbench.env import determinism, device_info, peak_flops, peak_memory_mib, reset_peak_memory
-from peftbench.errors import UserError, choice_error
+from peftbench.errors import UserError
 from peftbench.evaluate import evaluate, evaluate_transfer, predict_test, track
 from peftbench.export import export_model, save_adapter
 from peftbench.faults import kill_point
 from peftbench.methods import finish, hook
+from peftbench.optim import default_optimizer
 from peftbench.parallel import full_model_state, load_state, shard, sharded, trainable_state
 from peftbench.record import save_record
 from peftbench.setup import Setup, prepare
-
-OPTIMIZERS = ("adamw", "adafactor")
 
 
 def on_cpu(t: DictConfig) -> bool:
@@ -266,29 +265,6 @@ def transfer_and_test(model, s: Setup, acc: Accelerator, record: dict[str, Any])
     evaluate_transfer(model, s, acc, record)
     if s.test_loader is not None:
         record["test_predictions"] = predict_test(model, acc.prepare(s.test_loader), s)
-
-
-def default_optimizer(
-    params: list[torch.nn.Parameter], model, t: DictConfig, method_cfg
-) -> torch.optim.Optimizer:
-    """AdamW (the GLUE papers), or Adafactor as T-Few runs it: a fixed lr, no relative step, no warmup
-    init (t-few src/utils/get_optimizer.py; `adafactor_scale_parameter` is its `scale_parameter`)."""
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(
-            params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.adam_betas), eps=t.adam_eps
-        )
-    if t.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
-
-        return Adafactor(
-            params,
-            lr=t.lr,
-            weight_decay=t.weight_decay,
-            scale_parameter=bool(t.adafactor_scale_parameter),
-            relative_step=False,
-            warmup_init=False,
-        )
-    raise choice_error("train.optimizer", t.optimizer, OPTIMIZERS)  # validate() checks it first
 
 
 def finish_record(cfg: DictConfig, record: dict, acc: Accelerator, p: Progress, steps_per_epoch: int) -> None:

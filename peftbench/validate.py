@@ -11,10 +11,10 @@ from omegaconf import DictConfig
 
 from peftbench.errors import UserError, choice_error
 from peftbench.formats import TASK_FORMATS, format_class, model_family
-from peftbench.loop import OPTIMIZERS
 from peftbench.methods import apply_method, capabilities, hook
 from peftbench.metrics import METRICS
 from peftbench.models import family
+from peftbench.optim import OPTIMIZERS
 
 
 def _positive(value, name: str, kind=(int,), allow_none: bool = False) -> None:

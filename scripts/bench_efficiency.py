@@ -2,9 +2,11 @@
 
 Each method trains the same random-init model (a model YAML's dims, no download; random weights time like
 trained ones) on the same fixed batches of random tokens with a 2-class head, in its own subprocess so that
-peak memory is the method's own (CPU: peak RSS of the process; CUDA: peak allocated). Per method: trainable
-parameters, steady step time (forward + backward + AdamW step; `--warmup` steps dropped), step time and peak
-memory relative to full fine-tuning of the same run, tokens/s. Inference latency relative to the base model
+peak memory is the method's own (CPU: peak RSS of the process; CUDA: peak allocated). Each method runs twice:
+stepped as peftbench's loop steps (accelerate-prepared model and optimizer, the method's optimizer and hooks)
+and by a bare hand-written torch loop on the same model and batches. Per method: trainable parameters, steady
+step time (forward + backward + optimizer step; `--warmup` steps dropped), step time and peak memory relative
+to full fine-tuning and to the bare loop, tokens/s (`--no-bare`: peftbench's loop only). Inference latency relative to the base model
 (LoRA and IA3 merged and unmerged, adapters, prefix, prompt) is `scripts/bench_latency.py`'s job; with
 `--latency` this script runs it on the same model and batch and prints its table after this one.
 
@@ -41,7 +43,10 @@ OVERRIDES = {"prompt_tuning": ["method.init=random_uniform"]}
 
 
 def worker(a: argparse.Namespace) -> dict:
-    """One method: build, apply, train --warmup + --steps steps on fixed batches, report."""
+    """One method, one loop: build, apply, train --warmup + --steps steps on fixed batches, report. `--loop
+    peftbench` steps as peftbench's loop does (accelerate-prepared model and optimizer, the method's optimizer
+    and loss / step hooks, accelerate's clipping); `--loop bare` is a hand-written torch loop (AdamW, backward,
+    clip, step) on the same model with the same method applied."""
     sys.path.insert(0, os.path.dirname(__file__))
     from bench_latency import build_base, make_inputs
 
@@ -59,9 +64,9 @@ def worker(a: argparse.Namespace) -> dict:
     model.to(device).train()
     counts = count(model, family(cfg.model).head)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
     inputs = make_inputs(model.config, a.batch, a.seq_len, device)
     labels = torch.zeros(a.batch, dtype=torch.long, device=device)
+    step = (peftbench_step if a.loop == "peftbench" else bare_step)(model, params, cfg, a)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -69,11 +74,7 @@ def worker(a: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
-            loss = model(**inputs, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step(inputs, labels)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -85,6 +86,7 @@ def worker(a: argparse.Namespace) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "method": a.method,
+        "loop": a.loop,
         "trainable": counts["trainable_without_head"],  # the papers' count: without the task head
         "total": counts["total_without_head"],
         "s_per_step": s_per_step,
@@ -93,8 +95,51 @@ def worker(a: argparse.Namespace) -> dict:
     }
 
 
-def spawn(method: str, a: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--method", method, "--model", a.model]
+def bare_step(model, params, cfg, a: argparse.Namespace):
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr)
+
+    def step(inputs, labels):
+        with torch.autocast(a.device, dtype=torch.bfloat16, enabled=a.bf16):
+            loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def peftbench_step(model, params, cfg, a: argparse.Namespace):
+    from accelerate import Accelerator
+
+    from peftbench.methods import hook
+    from peftbench.optim import default_optimizer
+
+    acc = Accelerator(cpu=a.device == "cpu", mixed_precision="bf16" if a.bf16 else "no")
+    opt = (hook(cfg.method, "make_optimizer") or default_optimizer)(params, model, cfg.train, cfg.method)
+    prepared, opt = acc.prepare(model, opt)
+    if on_start := hook(cfg.method, "on_train_start"):
+        on_start(model, a.warmup + a.steps, cfg.method)
+    adjust, after = hook(cfg.method, "adjust_loss"), hook(cfg.method, "after_step")
+    n = [0]
+
+    def step(inputs, labels):
+        loss = prepared(**inputs, labels=labels).loss
+        if adjust:
+            loss = adjust(model, loss, cfg.method)
+        acc.backward(loss)
+        acc.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        opt.step()
+        n[0] += 1
+        if after:
+            after(model, n[0], cfg.method)
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def spawn(method: str, a: argparse.Namespace, loop: str = "peftbench") -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--method", method, "--model", a.model, "--loop", loop]
     cmd += ["--batch", str(a.batch), "--seq-len", str(a.seq_len), "--steps", str(a.steps)]
     cmd += ["--warmup", str(a.warmup), "--device", a.device, *(["--bf16"] if a.bf16 else [])]
     cmd += ["--threads", str(a.threads)] if a.threads else []
@@ -105,16 +150,22 @@ def spawn(method: str, a: argparse.Namespace) -> dict:
 
 
 def table(rows: list[dict], memory: str) -> str:
+    """One line per method (peftbench's loop), with its ratios to full fine-tuning and to the bare loop."""
     full = next(r for r in rows if r["method"] == "full")
     lines = [
-        f"| method | trainable (no head) | % of base | s/step | × full FT step | {memory} MiB | × full FT memory | tokens/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| method | trainable (no head) | % of base | s/step | × full FT step | × bare step | {memory} MiB | "
+        "× full FT memory | × bare memory | tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        bare = r.get("bare")
+        step_ratio = f"{r['s_per_step'] / bare['s_per_step']:.2f}" if bare else "–"
+        memory_ratio = f"{r['peak_mib'] / bare['peak_mib']:.3f}" if bare else "–"
         lines.append(
             f"| {r['method']} | {r['trainable']:,} | {100 * r['trainable'] / r['total']:.3f} | "
-            f"{r['s_per_step']:.3f} | {r['s_per_step'] / full['s_per_step']:.2f} | {r['peak_mib']:.0f} | "
-            f"{r['peak_mib'] / full['peak_mib']:.2f} | {r['tokens_per_s']:.0f} |"
+            f"{r['s_per_step']:.3f} | {r['s_per_step'] / full['s_per_step']:.2f} | {step_ratio} | "
+            f"{r['peak_mib']:.0f} | {r['peak_mib'] / full['peak_mib']:.2f} | {memory_ratio} | "
+            f"{r['tokens_per_s']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -149,6 +200,8 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the rows and settings to this JSON file")
     p.add_argument("--worker", action="store_true")
     p.add_argument("--method", default="full")
+    p.add_argument("--loop", default="peftbench", choices=("peftbench", "bare"))
+    p.add_argument("--no-bare", action="store_true", help="skip the bare-loop run of each method")
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.worker:
@@ -158,7 +211,10 @@ def main() -> None:
     if "full" not in methods:
         methods.insert(0, "full")
     start = time.perf_counter()
-    rows = [spawn(m, a) for m in methods]
+    rows = []
+    for m in methods:  # the two loops of a method one after the other: the same machine state for both
+        rows.append(spawn(m, a))
+        rows[-1]["bare"] = None if a.no_bare else spawn(m, a, "bare")
     memory = "peak allocated" if a.device == "cuda" else "peak RSS"
     print(
         f"model={a.model} (random init) batch={a.batch} seq_len={a.seq_len} steps={a.steps} (+{a.warmup} "

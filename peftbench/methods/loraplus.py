@@ -50,7 +50,7 @@ def make_optimizer(
             f"train.optimizer={t.optimizer!r} with method=loraplus: Adafactor scales each step by the tensor's "
             f"RMS (B starts at zero), so lr_ratio would not set B's rate; choose from: adamw"
         )
-    from peftbench.loop import default_optimizer
+    from peftbench.optim import default_optimizer
 
     groups = param_groups(params, model, t.lr, float(method_cfg.lr_ratio))
     return default_optimizer(groups, model, t, method_cfg)  # AdamW with train's betas, eps, weight decay

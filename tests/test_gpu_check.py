@@ -61,7 +61,8 @@ def test_step_summary_gives_ratios_and_mfu():
 def test_bench_efficiency_writes_the_json_the_check_reads(tmp_path):
     path = tmp_path / "bench.json"
     cmd = [sys.executable, str(SCRIPTS / "bench_efficiency.py"), "--model", "tiny-bert", "--methods", "full,lora",
-           "--batch", "2", "--seq-len", "16", "--steps", "1", "--warmup", "1", "--threads", "1", "--json", str(path)]  # fmt: skip
+           "--batch", "2", "--seq-len", "16", "--steps", "1", "--warmup", "1", "--threads", "1", "--json", str(path),
+           "--no-bare"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     bench = json.loads(path.read_text())

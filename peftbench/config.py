@@ -4,6 +4,7 @@ points; the only module that knows where the config tree is and how overrides re
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 
 from omegaconf import DictConfig, OmegaConf
@@ -49,7 +50,33 @@ def compose(overrides: list[str]) -> DictConfig:
     try:
         return hydra_compose("config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        raise UserError(f"bad override in {' '.join(overrides)!r}: {str(e).splitlines()[0]}") from None
+        first = str(e).splitlines()[0]
+        hint = close_key(overrides, first)
+        raise UserError(
+            f"bad override in {' '.join(overrides)!r}: {first.rstrip('.') if hint else first}{hint}"
+        ) from None
+
+
+def close_key(overrides: list[str], message: str) -> str:
+    """`train.epoch=3` -> " (did you mean train.epochs?)": the keys beside the unknown one, closest first."""
+    import difflib
+
+    from hydra import compose as hydra_compose
+
+    m = re.match(r"Could not override '([\w.]+)'", message)
+    if not m:
+        return ""
+    parent, _, name = m.group(1).rpartition(".")
+    others = [o for o in overrides if o.partition("=")[0].lstrip("+~") != m.group(1)]
+    try:
+        node = OmegaConf.select(hydra_compose("config", overrides=others), parent) if parent else None
+    except Exception:  # another override is bad too: no hint
+        return ""
+    keys = list(node.keys()) if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(name, keys, n=3, cutoff=0.6)
+    if close:
+        return f" (did you mean {' or '.join(f'{parent}.{k}' for k in close)}?)"
+    return f"; {parent} has: {', '.join(sorted(keys))}" if keys else ""
 
 
 def check_groups(overrides: list[str]) -> None:

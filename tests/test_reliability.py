@@ -391,6 +391,8 @@ BAD_INPUTS = [
         "train.max_grad_norm=-1: must be a positive",
     ),
     ("max_grad_norm 0", ["train.max_grad_norm=0"], None, "train.max_grad_norm=0: must be a positive"),
+    ("unknown key, a close one", ["train.epoch=3"], None, "override 'train.epoch' (did you mean train.epochs?)"),
+    ("unknown key, none close", ["method.rank=4"], None, "'method.rank'; method has: _target_, alpha,"),
     ("mixed precision", ["train.mixed_precision=fp32"], None, "unknown train.mixed_precision 'fp32'"),
     ("device", ["train.device=tpu"], None, "unknown train.device 'tpu'"),
     (

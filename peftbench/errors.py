@@ -25,13 +25,21 @@ def require(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
+def disk_full(e: BaseException) -> bool:
+    """ENOSPC as Python raises it (OSError) or as safetensors' Rust writer does: SafetensorError('Error while
+    serializing: I/O error: No space left on device (os error 28)')."""
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    return type(e).__name__ == "SafetensorError" and f"(os error {errno.ENOSPC})" in str(e)
+
+
 @contextmanager
 def disk_full_is_user_error(what: str, keeps: str = "") -> Iterator[None]:
     """ENOSPC while writing `what` -> one line that says what was kept and how to go on; other OSErrors pass."""
     try:
         yield
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
+    except Exception as e:
+        if not disk_full(e):
             raise
         kept = f"; {keeps}" if keeps else ""
         raise UserError(

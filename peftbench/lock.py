@@ -15,8 +15,12 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from peftbench.errors import disk_full_is_user_error
 
 HEARTBEAT_S = 10.0
 UNWRITTEN_S = 5.0  # a lock its writer creates and fills at once: still empty after this, it never will be
@@ -70,12 +74,23 @@ def try_lock(path: Path, stale_after_s: float) -> RunLock | None:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "token": uuid.uuid4().hex,
         }
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(info))
-            f.flush()
-            os.fsync(f.fileno())
+        with disk_full_is_user_error(f"the lock {path}", "nothing ran"), unlink_on_error(path):
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(info))
+                f.flush()
+                os.fsync(f.fileno())
         return RunLock(path, info, stale_after_s)
     return None
+
+
+@contextmanager
+def unlink_on_error(path: Path) -> Iterator[None]:
+    """A lock that could not be written whole is removed (an empty one would hold the run for a while)."""
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def stale_reason(path: Path, stale_after_s: float) -> str | None:

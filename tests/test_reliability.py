@@ -359,6 +359,23 @@ def full_disk(monkeypatch) -> None:
     monkeypatch.setattr("peftbench.checkpoint.save_file", save_file)
 
 
+def full_disk_safetensors(monkeypatch) -> None:
+    """What safetensors' own writer raises on a full disk (measured on a 64 KiB tmpfs), not an OSError."""
+    from safetensors import SafetensorError
+
+    def save_file(tensors, path):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("peftbench.checkpoint.save_file", save_file)
+
+
+def full_disk_at_the_lock(monkeypatch) -> None:
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("peftbench.lock.os.fsync", fsync)
+
+
 def out_of_memory(monkeypatch) -> None:
     def loss(self, model, batch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -493,6 +510,13 @@ BAD_INPUTS = [
         lambda tmp, mp: full_disk(mp),
         "disk full while writing the checkpoint of step 2",
     ),
+    (
+        "disk full, safetensors' error",
+        [*SMALL, "train.max_steps=3"],
+        lambda tmp, mp: full_disk_safetensors(mp),
+        "disk full while writing the checkpoint of step 2",
+    ),
+    ("disk full at the lock", RTE, lambda tmp, mp: full_disk_at_the_lock(mp), "disk full while writing the lock"),
     ("out of memory", RTE, lambda tmp, mp: out_of_memory(mp), "out of memory at train.batch_size=8"),
 ]
 
@@ -601,3 +625,12 @@ def test_two_records_of_one_run_count_once(tmp_path, capsys):
     ]
     err = capsys.readouterr().err
     assert "r1 copy.json is another record of run r1; counting" in err and err.count("\n") == 1
+
+
+def test_a_lock_the_full_disk_did_not_let_us_write_is_removed(tmp_path, monkeypatch):
+    from peftbench.lock import try_lock
+
+    full_disk_at_the_lock(monkeypatch)
+    with pytest.raises(UserError, match="disk full while writing the lock"):
+        try_lock(tmp_path / "run.lock", stale_after_s=600)
+    assert not (tmp_path / "run.lock").exists()  # no empty lock left to hold the run

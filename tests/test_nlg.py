@@ -262,6 +262,14 @@ def test_score_bad_input_is_one_line(args, expected, capsys):
     assert "\n" not in err and expected in err
 
 
+def test_score_names_a_predictions_file_that_is_not_utf8(tmp_path, capsys):
+    preds = tmp_path / "out.txt"
+    preds.write_bytes(b"caf\xe9 in latin-1\n")
+    assert main(["score", "task=e2e", f"predictions={preds}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{preds}: not UTF-8 text (byte 0xe9" in err and "\n" not in err
+
+
 def test_score_says_expected_and_got_line_counts(tmp_path, capsys):
     require_data()
     preds = tmp_path / "out.txt"

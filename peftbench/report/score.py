@@ -56,7 +56,10 @@ def score_file(opts: dict[str, str]) -> dict:
     path = Path(opts["predictions"])
     if not path.is_file():
         raise UserError(f"predictions file {path} does not exist")
-    hyps = path.read_text(encoding="utf-8").splitlines()
+    from peftbench.tasks import text_file
+
+    with text_file(path):
+        hyps = path.read_text(encoding="utf-8").splitlines()
     load_split = get_method(task._target_.rsplit(".", 1)[0] + ".load_split")  # tasks/generation.py, qa.py
     entries, source = load_split(task, split)
     if len(hyps) != len(entries):

@@ -95,12 +95,13 @@ def unlink_on_error(path: Path) -> Iterator[None]:
 
 def stale_reason(path: Path, stale_after_s: float) -> str | None:
     try:
-        age = time.time() - path.stat().st_mtime
+        st = path.stat()
     except FileNotFoundError:
         return "gone"
+    age = time.time() - st.st_mtime
     info = read_lock(path)
     if info is None and age > UNWRITTEN_S:  # e.g. created on a full disk: its writer never got to write it
-        return f"empty or unreadable lock file ({path.stat().st_size} bytes, {age:.0f} s old)"
+        return f"empty or unreadable lock file ({st.st_size} bytes, {age:.0f} s old)"
     info = info or {}
     if info.get("host") == socket.gethostname() and not pid_alive(int(info.get("pid", 0))):
         return f"pid {info['pid']} is not running"

@@ -167,7 +167,7 @@ def run_locked(cfg: DictConfig, rid: str, path: Path) -> dict[str, Any]:
         try:
             save_record(path, record)
         except UserError:
-            if record["status"] == "finished":
+            if record["status"] in FINAL:  # a result that no record would keep
                 raise
             # already failing: the first error is the one to report
     if path is None:

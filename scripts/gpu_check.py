@@ -59,6 +59,11 @@ def run(cmd: list[str], env: dict | None = None, timeout: int = 300) -> subproce
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
 
 
+def failed(done: subprocess.CompletedProcess) -> dict:
+    """A check whose command failed: its row gives the command's last line of stderr."""
+    return {"status": "failed", "reason": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+
+
 def check_environment(a: argparse.Namespace) -> dict:
     import torch
 
@@ -92,7 +97,7 @@ def check_train_minilm(a: argparse.Namespace) -> dict:
         [sys.executable, "-m", "peftbench.cli", "train", *overrides], {"PEFTBENCH_RESULTS_DIR": str(out)}, 480
     )
     if done.returncode != 0:
-        return {"status": "failed", "reason": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+        return failed(done)
     (path,) = sorted((out / "gpu_check").glob("*.json"))
     rec = json.loads(path.read_text())
     return {"status": "ok" if rec["status"] == "finished" else "failed", "figures": summarise_record(rec)}
@@ -124,7 +129,7 @@ def check_step(model: str, a: argparse.Namespace) -> dict:
         cmd += ["--model", model, "--device", "cuda", "--bf16", "--batch", "16", "--seq-len", "256", "--steps", "10"]
     done = run(cmd, timeout=600)
     if done.returncode != 0:
-        return {"status": "failed", "reason": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+        return failed(done)
     return {"status": "ok", "figures": summarise_steps(json.loads(path.read_text()))}
 
 
@@ -166,7 +171,7 @@ def check_decode(a: argparse.Namespace) -> dict:
         cmd += ["--model", "gpt2", "--n", "100", "--device", "cuda"]
     done = run(cmd, timeout=300)
     if done.returncode != 0:
-        return {"status": "failed", "reason": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+        return failed(done)
     return {"status": "ok", "figures": {"output": done.stdout.strip().splitlines()[-3:]}}
 
 
@@ -197,7 +202,7 @@ def check_ddp(a: argparse.Namespace) -> dict:
         env = {"PEFTBENCH_RESULTS_DIR": str(out)}
         done = run([sys.executable, *launcher, *common, f"name={name}"], env, 300)
         if done.returncode != 0:
-            return {"status": "failed", "reason": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+            return failed(done)
         (path,) = sorted((out / name).glob("*.json"))
         curves[name] = json.loads(path.read_text())["train"]["loss_curve"]
     diff = max(abs(x - y) for x, y in zip(curves["two"], curves["one"]))

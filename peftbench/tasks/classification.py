@@ -184,8 +184,9 @@ def _read_tsv(cfg: DictConfig, path: Path) -> list[tuple[int, dict]]:
     columns = OmegaConf.to_container(cfg.local.columns)
     with open(path, encoding="utf-8-sig", newline="") as f, text_file(path):
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None) if cfg.local.get("header", True) else None
-        if header is None and cfg.local.get("header", True):
+        has_header = cfg.local.get("header", True)
+        header = next(reader, None) if has_header else None
+        if has_header and header is None:
             raise UserError(f"{path}: empty file (not even its header row)")
         index = {}
         for field, col in columns.items():

@@ -100,16 +100,29 @@ def cmd_train(args: list[str]) -> int:
             "sweep: peftbench train -m method=lora method.r=1,2,4,8 task=rte"
         )
         return 0
-    from peftbench.validate import validate
-
     presets = [a.split("=", 1)[1] for a in args if a.startswith("experiment=")]
     if presets:
         from peftbench.experiment import run_grid
 
         return run_grid(presets[0], [a for a in args if not a.startswith("experiment=")])
-    for point in sweep_points(args):
-        validate(compose(point))
+    check_sweep(args)
     return run_hydra(args)
+
+
+def check_sweep(args: list[str]) -> None:
+    """Every point of the sweep (every combination of the swept values) before the first one runs; a bad
+    point is named with the swept values that make it."""
+    from peftbench.validate import validate
+
+    points = list(sweep_points(args))
+    for point in points:
+        try:
+            validate(compose(point))
+        except UserError as e:
+            if len(points) == 1:
+                raise
+            swept = [o for o in point if o not in args]
+            raise UserError(f"sweep point {' '.join(swept)} (of {len(points)} points): {e}") from None
 
 
 def run_hydra(args: list[str]) -> int:
@@ -239,10 +252,12 @@ def cmd_table(args: list[str]) -> int:
         help="regenerate every committed results/<name>.md and fail on any difference",
     )
     a = p.parse_args(args)
-    from peftbench.record import write_atomic
+    from peftbench.record import check_out_file, write_atomic
     from peftbench.report.make import check_tables, make_table, results_root
 
     root = a.results or results_root()
+    if a.out:
+        check_out_file(a.out, "--out")
     if a.check:
         return check_tables(root)
     text = make_table(root, a.name, a.format, a.stat, not a.no_paper, a.efficiency)
@@ -280,11 +295,12 @@ def cmd_raft_submit(args: list[str]) -> int:
         "--partial", action="store_true", help="write the tasks that have predictions, skip the rest"
     )
     a = p.parse_args(args)
-    from peftbench.record import load_records
+    from peftbench.record import check_writable, load_records
     from peftbench.report import render
     from peftbench.report.make import results_root
     from peftbench.report.submit import write_submission
 
+    check_writable(a.out / "data", "submission folder", "give another --out")
     summary = write_submission(load_records((a.results or results_root()) / a.name), a.out, a.partial)
     print(render(summary, "md"))
     print(f"wrote {sum(1 for r in summary if r['rows'])} of {len(summary)} tasks to {a.out / 'data'}")
@@ -298,6 +314,10 @@ def cmd_score(args: list[str]) -> int:
         print(score.USAGE)
         return 0
     opts = score.parse(args)
+    if opts.get("out"):
+        from peftbench.record import check_out_file
+
+        check_out_file(opts["out"], "out")
     record = score.score_file(opts)
     if opts.get("out"):
         score.write(record, opts["out"])

@@ -3,6 +3,7 @@ points; the only module that knows where the config tree is and how overrides re
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Iterator
@@ -73,6 +74,8 @@ def close_key(overrides: list[str], message: str) -> str:
     except Exception:  # another override is bad too: no hint
         return ""
     keys = list(node.keys()) if isinstance(node, DictConfig) else []
+    if name in keys:  # the key exists: the value does not fit it (a mapping with keys it does not have)
+        return ""
     close = difflib.get_close_matches(name, keys, n=3, cutoff=0.6)
     if close:
         return f" (did you mean {' or '.join(f'{parent}.{k}' for k in close)}?)"
@@ -91,7 +94,8 @@ def check_groups(overrides: list[str]) -> None:
 
 
 def sweep_points(args: list[str]) -> Iterator[list[str]]:
-    """Each value of each swept override, with the fixed overrides: enough to check every value once."""
+    """Every point of the sweep, as Hydra's basic sweeper makes them (the product of the swept values), each
+    with the fixed overrides: every combination is checked, not only every value."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Glob
 
@@ -101,17 +105,16 @@ def sweep_points(args: list[str]) -> Iterator[list[str]]:
     except Exception as e:  # Hydra's grammar errors are already one readable sentence
         raise UserError(f"cannot parse overrides {' '.join(plain)!r}: {str(e).splitlines()[0]}") from None
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    swept = [o for o in parsed if o.is_sweep_override()]
-    if not swept:
-        yield fixed
-    for o in swept:
+    axes = []
+    for o in (o for o in parsed if o.is_sweep_override()):
         key = o.get_key_element()
         if isinstance(o.value(), Glob):  # task=glob(raft_*): the group's options that match
             values = o.value().filter(group_options(key.lstrip("+~")))
         else:
             values = list(o.sweep_string_iterator())
-        for value in values:
-            yield [*fixed, f"{key}={value}"]
+        axes.append([f"{key}={value}" for value in values])
+    for point in itertools.product(*axes):
+        yield [*fixed, *point]
 
 
 def load_option(group: str, name: str) -> DictConfig:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import resource
+import socket
 import subprocess
+import threading
+import urllib.parse
 from importlib import metadata
 from pathlib import Path
 
@@ -142,3 +146,43 @@ def peak_flops(device: torch.device, mixed_precision: str) -> tuple[float | None
         if key in name:
             return flops, f"{key} dense bf16/fp16 peak"
     return None, f"no peak tabulated for {name} (peftbench/env.py PEAK_BF16)"
+
+
+@functools.cache
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One TCP connection to the hub (HF_ENDPOINT, default huggingface.co:443), in a thread so that a slow DNS
+    lookup counts against the timeout too."""
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(ok)
+
+
+def offline_unless_reachable() -> None:
+    """Before anything is loaded from the hub: if HF_HUB_OFFLINE is not set and the hub cannot be reached,
+    switch this process to offline mode, so transformers and datasets read the local cache at once (the
+    usual cluster pattern: download on a login node, run on compute nodes) instead of retrying for a minute."""
+    import huggingface_hub.constants
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE or hub_reachable():
+        return
+    print("[peftbench] the hub is unreachable: loading from the local cache only (HF_HUB_OFFLINE=1)")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        import datasets.config
+
+        datasets.config.HF_HUB_OFFLINE = True
+    except (ImportError, AttributeError):
+        pass

@@ -121,7 +121,12 @@ class Training:
         ckpt = Checkpointer(
             artifacts / "checkpoint", t.checkpoint_every, n_batches, acc, opt, sched, s.generator
         )
-        ckpt.meta = {"run_id": record["run_id"], "n_batches": n_batches, "total_steps": total_steps}
+        ckpt.meta = {
+            "run_id": record["run_id"],
+            "n_batches": n_batches,
+            "total_steps": total_steps,
+            "data_identity": record.get("data_identity"),  # a checkpoint of other data does not resume
+        }
         r = cls(cfg, s, acc, model, opt, sched, train_loader, eval_loader, params, ckpt, total_steps,
                 steps_per_epoch, eval_every, Progress())  # fmt: skip
         r.adjust_loss, r.after_step = hook(cfg.method, "adjust_loss"), hook(cfg.method, "after_step")

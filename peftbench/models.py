@@ -19,6 +19,7 @@ import torch
 import transformers
 from omegaconf import DictConfig, OmegaConf
 
+from peftbench.env import offline_unless_reachable
 from peftbench.errors import UserError
 
 
@@ -191,6 +192,8 @@ def load_model(model_cfg: DictConfig, task_kind: str, num_labels: int, lm: bool 
         config.vocab_size = max(config.vocab_size, len(tokenizer))
         model = auto_class(model_cfg, lm, task_kind).from_config(config)
     else:
+        if source == model_cfg.get("hub_id"):
+            offline_unless_reachable()
         try:
             model = auto_class(model_cfg, lm, task_kind).from_pretrained(source, **extra)
         except OSError as e:
@@ -239,6 +242,8 @@ def load_tokenizer(model_cfg: DictConfig):
             model_source(OmegaConf.create({"source": "minilm_package"}))
         )
     source = model_source(model_cfg)
+    if source == model_cfg.get("hub_id"):
+        offline_unless_reachable()
     try:
         return transformers.AutoTokenizer.from_pretrained(source)
     except OSError as e:

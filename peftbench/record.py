@@ -116,14 +116,28 @@ def _rank(record: dict[str, Any]) -> tuple[bool, str]:
     return record.get("status") == "finished", str(record.get("finished_at") or "")
 
 
-def check_writable(folder: Path) -> None:
+def check_out_file(path: Path | str, flag: str) -> Path:
+    """An output file the command will write, checked before any work: not a folder, and its folder can be
+    made and written (a file in the way, no permission, a read-only file system: one line)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag}={str(path)!r} is a folder; give a file path, e.g. {path / 'table.md'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=path.parent, prefix=".probe.", delete=True).close()
+    except OSError as e:
+        raise UserError(f"{flag}={str(path)!r}: cannot write there ({e.strerror or e})") from None
+    return path
+
+
+def check_writable(folder: Path, what: str = "results folder", fix: str = "set paths.results=DIR") -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".probe.", delete=True)
         probe.close()
-    except OSError as e:
+    except OSError as e:  # a file in the way, no permission, a read-only file system
         raise UserError(
-            f"results folder {str(folder)!r} is not writable ({e.strerror}); set paths.results=DIR"
+            f"{what} {str(folder)!r} is not writable ({e.strerror or e}); {fix}"
         ) from None
 
 

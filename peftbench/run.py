@@ -25,6 +25,7 @@ from peftbench.errors import UserError
 from peftbench.lock import RunLock, describe, try_lock
 from peftbench.loop import Diverged, on_cpu, train_and_evaluate
 from peftbench.record import check_writable, read_record, run_id, save_record
+from peftbench.tasks import data_identity
 from peftbench.validate import validate
 
 
@@ -38,7 +39,7 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     state = PartialState(cpu=on_cpu(cfg.train))  # torchrun / accelerate launch: one process per device
     if state.num_processes > 1:
         return execute_data_parallel(cfg, state, rid, path)
-    if not cfg.train.force and (done := finished(path)):
+    if not cfg.train.force and (done := finished(path, cfg)):
         return done
     check_writable(out_dir)
     lock_path = out_dir / f"{rid}.lock"
@@ -47,7 +48,7 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
         print(f"[peftbench] skip {rid}: running in {describe(lock_path)} (lock {lock_path})")
         return read_record(path) if path.exists() else {"run_id": rid, "status": "running"}
     try:
-        if not cfg.train.force and (done := finished(path)):  # it finished while we waited for the lock
+        if not cfg.train.force and (done := finished(path, cfg)):  # it finished while we waited for the lock
             return done
         with sigterm_as_interrupt():
             return run_locked(cfg, rid, path)
@@ -68,7 +69,7 @@ def execute_data_parallel(cfg: DictConfig, state: PartialState, rid: str, path: 
             )
     lock, plan = None, ["run"]
     if state.is_main_process:
-        if not cfg.train.force and finished(path):
+        if not cfg.train.force and finished(path, cfg):
             plan = ["done"]
         else:
             check_writable(path.parent)
@@ -91,17 +92,30 @@ def execute_data_parallel(cfg: DictConfig, state: PartialState, rid: str, path: 
 FINAL = ("finished", "diverged")  # a rerun of the same config gives the same: skipped unless train.force
 
 
-def finished(path: Path, quiet: bool = False) -> dict[str, Any] | None:
+def final_record(path: Path) -> dict[str, Any] | None:
     """The run's final record (finished or diverged), if it has one."""
     try:
         old = read_record(path)
     except (OSError, ValueError):  # no record yet, or not one of ours: this run writes it
         return None
-    if old.get("status") in FINAL:
-        if not quiet:
-            print(f"[peftbench] skip {old['run_id']}: {old['status']} record {path}")
-        return old
-    return None
+    return old if old.get("status") in FINAL else None
+
+
+def finished(path: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """The final record to skip to: one of the same data. A final record whose data changed since (another
+    copy or cut of the files: their content hash differs) is run again, beside it (where_to_work)."""
+    if (old := final_record(path)) is None:
+        return None
+    now, then = data_identity(cfg.task), old.get("data_identity")
+    if then is not None and then != now:  # records written before data identities were kept: no check
+        changed = sorted(k for k in {*now, *then} if now.get(k) != then.get(k))
+        print(
+            f"[peftbench] rerun {old['run_id']}: its data changed since its {old['status']} record ({changed[0]}: "
+            f"{then.get(changed[0])} -> {now.get(changed[0])}); the old record stays until this run finishes"
+        )
+        return None
+    print(f"[peftbench] skip {old['run_id']}: {old['status']} record {path}")
+    return old
 
 
 def acquire_lock(path: Path, t: DictConfig) -> RunLock | None:
@@ -192,7 +206,7 @@ def where_to_work(
     works beside it (<id>.json.rerun, <id>.rerun/) and replaces it only when it finishes: killed or failed,
     it leaves the final record and its files as they were. The checkpoint is cleared (forced) or its
     half-written temp removed before any process reads it."""
-    beside = [bool(cfg.train.force and state.is_main_process and finished(path, quiet=True))]
+    beside = [bool(state.is_main_process and final_record(path))]  # forced, or its data changed
     broadcast_object_list(beside)
     if beside[0]:
         path, artifacts = path.with_name(path.name + ".rerun"), artifacts.with_name(artifacts.name + ".rerun")
@@ -235,6 +249,7 @@ def new_record(cfg: DictConfig, rid: str) -> dict[str, Any]:
         "seed": int(cfg.seed),
         "main_metric": cfg.task.main_metric,
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "data_identity": data_identity(cfg.task),
         "versions": versions(),
         "git_sha": git_sha(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

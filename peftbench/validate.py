@@ -4,6 +4,7 @@ minutes of loading, and every point of a sweep is checked before the first one r
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -13,59 +14,57 @@ from peftbench.errors import UserError, choice_error
 from peftbench.formats import TASK_FORMATS, format_class, model_family
 from peftbench.methods import apply_method, capabilities, hook
 from peftbench.metrics import METRICS
-from peftbench.models import family
-from peftbench.optim import OPTIMIZERS
-
-
-def _positive(value, name: str, kind=(int,), allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        raise UserError(f"{name}={value!r}: must be a positive {'integer' if kind == (int,) else 'number'}")
+from peftbench.models import FAMILIES, family
+from peftbench.schema import check_values
 
 
 def validate(cfg: DictConfig) -> None:
-    check_train(cfg.train)
+    """Every key (the schema: type, range), then the rules across keys and groups, then the method on a
+    weightless copy of the model (rank > 0, k <= blocks, applicable to the family, fits the positions)."""
+    check_values(cfg)
     check_method_train(cfg)
     check_devices(cfg.train)
+    check_processes(cfg.train)
     check_task(cfg)
-    if not isinstance(cfg.seed, int):
-        raise UserError(f"seed={cfg.seed!r}: must be an integer")
-    # The method's own checks (rank > 0, k <= blocks, applicable to the family) on a weightless copy.
     check_format(cfg)
     from peftbench.setup import meta_model
 
     model, fam = meta_model(cfg)
     apply_method(model, cfg.method, fam)
+    check_positions(cfg, model.config)
 
 
-def check_train(t: DictConfig) -> None:
-    """Sizes, counts and rates of the training loop."""
-    _positive(t.lr, "train.lr", (int, float))
-    for key in ("batch_size", "eval_batch_size", "grad_accum", "epochs", "log_every"):
-        _positive(t[key], f"train.{key}")
-    if t.max_steps != 0:  # 0: evaluate the model as loaded (an untrained / zero-shot baseline)
-        _positive(t.max_steps, "train.max_steps", allow_none=True)
-    for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):
-        _positive(t[key], f"train.{key}", allow_none=True)
-    if not 0 <= t.warmup_ratio < 1:
-        raise UserError(f"train.warmup_ratio={t.warmup_ratio!r}: must be in [0, 1)")
-    if t.optimizer not in OPTIMIZERS:
-        raise choice_error("train.optimizer", t.optimizer, OPTIMIZERS)
-    if t.weight_decay < 0:
-        raise UserError(f"train.weight_decay={t.weight_decay!r}: must be >= 0")
-    # clip_grad_norm_ scales the gradient by max_norm / norm: a negative max_norm flips it (gradient ascent),
-    # 0 zeroes it
-    _positive(t.max_grad_norm, "train.max_grad_norm", (int, float), allow_none=True)
-    if t.eval_every != "epoch":
-        _positive(t.eval_every, "train.eval_every")
-    if t.checkpoint_every not in ("epoch", None):
-        _positive(t.checkpoint_every, "train.checkpoint_every")
-    if isinstance(t.lock_wait_s, bool) or not isinstance(t.lock_wait_s, (int, float)) or t.lock_wait_s < 0:
+def check_processes(t: DictConfig) -> None:
+    """Under torchrun / accelerate launch every batch is split over the processes (WORLD_SIZE of them)."""
+    n = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    for key in ("batch_size", "eval_batch_size"):
+        if n > 1 and int(t[key]) % n:
+            raise UserError(
+                f"train.{key}={t[key]} with {n} processes: each batch is split over the processes, "
+                f"so it must be a multiple of {n}"
+            )
+
+
+def positions(config) -> int | None:
+    """Input positions the model can embed (None: relative positions, no limit)."""
+    if config.model_type == "t5" or (config.model_type == "deberta-v2" and not config.position_biased_input):
+        return None
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if config.model_type == "roberta" and n:  # positions start after the padding index
+        n -= config.pad_token_id + 1
+    return n
+
+
+def check_positions(cfg: DictConfig, config) -> None:
+    """task.max_length, plus the soft prompt a method prepends, fits the model's position embeddings."""
+    limit = positions(config)
+    added = added(cfg) if (added := hook(cfg.method, "input_positions")) else 0
+    if limit is not None and cfg.task.max_length + added > limit:
+        extra = f" + method.length={added}" if added else ""
         raise UserError(
-            f"train.lock_wait_s={t.lock_wait_s!r}: must be a number of seconds >= 0 (0: skip at once)"
+            f"task.max_length={cfg.task.max_length}{extra} is more than model {cfg.model.name}'s {limit} "
+            f"positions; lower {'task.max_length or method.length' if added else 'task.max_length'}"
         )
-    _positive(t.lock_stale_s, "train.lock_stale_s", (int, float))
 
 
 def check_method_train(cfg: DictConfig) -> None:
@@ -101,13 +100,9 @@ def with_capability(name: str) -> list[str]:
 
 
 def check_devices(t: DictConfig) -> None:
-    if t.mixed_precision not in ("no", "bf16", "fp16"):
-        raise choice_error("train.mixed_precision", t.mixed_precision, ["no", "bf16", "fp16"])
     if t.get("compile") and t.compile not in torch._dynamo.list_backends(exclude_tags=()):
         shown = {"null", "eager", "aot_eager", *torch._dynamo.list_backends()}  # not the test-only ones
         raise choice_error("train.compile", t.compile, shown)
-    if t.device not in ("auto", "cpu", "cuda"):
-        raise choice_error("train.device", t.device, ["auto", "cpu", "cuda"])
     if t.device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
     if t.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -115,9 +110,6 @@ def check_devices(t: DictConfig) -> None:
 
 
 def check_task(cfg: DictConfig) -> None:
-    _positive(cfg.task.max_length, "task.max_length")
-    if cfg.task.max_length < 8:
-        raise UserError(f"task.max_length={cfg.task.max_length}: too small to hold the input; use >= 8")
     for name in cfg.task.metrics:
         if name not in METRICS:
             raise choice_error("metric", name, METRICS)
@@ -125,6 +117,8 @@ def check_task(cfg: DictConfig) -> None:
         raise UserError(
             f"task.main_metric={cfg.task.main_metric!r} is not in task.metrics {list(cfg.task.metrics)}"
         )
+    if cfg.model.family not in FAMILIES:
+        raise choice_error("model.family", cfg.model.family, FAMILIES)
 
 
 def check_format(cfg: DictConfig) -> None:

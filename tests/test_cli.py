@@ -220,3 +220,22 @@ def test_every_verb_prints_its_help(verb, capsys):
     except SystemExit as e:
         rc = e.code
     assert rc == 0 and "usage: peftbench" in capsys.readouterr().out
+
+
+def test_an_unreachable_hub_without_hf_hub_offline_is_one_line_at_once(tmp_path):
+    """No HF_HUB_OFFLINE and a hub that refuses connections: one probe, then the local cache only (no
+    retries): a note and the one error line, nothing else on stderr."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(
+        HF_ENDPOINT="http://127.0.0.1:9", PEFTBENCH_RESULTS_DIR=str(tmp_path), HF_HOME=str(tmp_path / "hf")
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "peftbench.cli", "train", "model=roberta-base", "task=rte", *QUICK],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "the hub is unreachable: loading from the local cache only" in r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot load 'FacebookAI/roberta-base'" in lines[0], r.stderr

@@ -248,3 +248,23 @@ def test_prefix_table_layout_and_efficiency_columns():
     assert (prefix["% trainable"], prefix["peak MiB"], prefix["stored / task"]) == ("0.138", "2048", "2.0 MB")
     sota = next(r for r in rows if r["method"] == "SOTA")
     assert sota["WebNLG TER"] == "n/a: prior work" and sota["E2E CIDEr"] == "n/a: prior work [paper 2.37]"
+
+
+def test_a_record_outside_the_presets_grid_is_left_out_with_a_warning(tmp_path, capsys):
+    """A seed run by hand under a row's label (here seed 999) is not a run of the preset: its table is the
+    committed one, and stderr names the stray record."""
+    import shutil
+    from pathlib import Path
+
+    from peftbench.report.make import make_table
+
+    repo = Path(__file__).resolve().parent.parent / "results"
+    shutil.copytree(repo / "offline_minilm", tmp_path / "offline_minilm")
+    first = sorted((tmp_path / "offline_minilm").glob("*.json"))[0]
+    stray = json.loads(first.read_text())
+    stray.update(seed=999, run_id=stray["run_id"].replace(f"__s{stray['seed']}__", "__s999__"))
+    stray["best"]["metrics"] = {k: 0.0 for k in stray["best"]["metrics"]}
+    (tmp_path / "offline_minilm" / f"{stray['run_id']}.json").write_text(json.dumps(stray))
+    assert make_table(tmp_path, "offline_minilm") + "\n" == (repo / "offline_minilm.md").read_text()
+    err = capsys.readouterr().err
+    assert f"{stray['run_id']} (row" in err and "seed 999) is not a run of preset offline_minilm" in err

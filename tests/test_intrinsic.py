@@ -126,11 +126,12 @@ def test_bad_settings_are_one_line_errors(compose):
     require_data()
     from peftbench.errors import UserError
     from peftbench.setup import prepare
+    from peftbench.validate import validate
 
     with pytest.raises(UserError, match="SAID spends one of the d numbers"):
         prepare(compose("model=tiny-bert", "method=intrinsic", "method.d=10", "method.said=true", *QUICK), {})
-    with pytest.raises(UserError, match="choose from: auto, dense, fastfood"):
-        prepare(compose("model=tiny-bert", "method=intrinsic", "method.projection=sparse", *QUICK), {})
+    with pytest.raises(UserError, match="choose from: auto, dense, fastfood"):  # the schema's
+        validate(compose("model=tiny-bert", "method=intrinsic", "method.projection=sparse", *QUICK))
 
 
 def fake(row: str, acc: float, d: int | None = None) -> dict:

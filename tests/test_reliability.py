@@ -9,6 +9,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -396,8 +397,13 @@ BAD_INPUTS = [
     ("fractional epochs", ["train.epochs=1.5"], None, "train.epochs=1.5: must be a positive integer"),
     ("seed not an int", ["seed=x"], None, "seed='x': must be an integer"),
     ("batch size 0", ["train.batch_size=0"], None, "train.batch_size=0"),
-    ("warmup out of range", ["train.warmup_ratio=1.5"], None, "train.warmup_ratio=1.5: must be in [0, 1)"),
-    ("max_length too small", ["task.max_length=4"], None, "task.max_length=4: too small"),
+    (
+        "warmup out of range",
+        ["train.warmup_ratio=1.5"],
+        None,
+        "train.warmup_ratio=1.5: must be a number in [0, 1)",
+    ),
+    ("max_length too small", ["task.max_length=4"], None, "task.max_length=4: must be an integer >= 8"),
     ("dropout out of range", ["method.dropout=1.5"], None, "method.dropout=1.5"),
     ("checkpoint_every", ["train.checkpoint_every=sometimes"], None, "train.checkpoint_every='sometimes'"),
     ("lock_wait_s", ["train.lock_wait_s=-1"], None, "train.lock_wait_s=-1"),
@@ -408,7 +414,12 @@ BAD_INPUTS = [
         "train.max_grad_norm=-1: must be a positive",
     ),
     ("max_grad_norm 0", ["train.max_grad_norm=0"], None, "train.max_grad_norm=0: must be a positive"),
-    ("unknown key, a close one", ["train.epoch=3"], None, "override 'train.epoch' (did you mean train.epochs?)"),
+    (
+        "unknown key, a close one",
+        ["train.epoch=3"],
+        None,
+        "override 'train.epoch' (did you mean train.epochs?)",
+    ),
     ("unknown key, none close", ["method.rank=4"], None, "'method.rank'; method has: _target_, alpha,"),
     ("mixed precision", ["train.mixed_precision=fp32"], None, "unknown train.mixed_precision 'fp32'"),
     ("device", ["train.device=tpu"], None, "unknown train.device 'tpu'"),
@@ -421,6 +432,58 @@ BAD_INPUTS = [
     ("shot file seed", [*RTE, "task.shots_from=tfew", "seed=7"], None, "no published tfew split at"),
     ("unknown metric", ["task.metrics=[acc]"], None, "unknown metric 'acc'"),
     ("bitfit on t5", ["method=bitfit", "model=tiny-t5"], None, "method bitfit does not apply"),
+    (
+        "a sweep's bad combination",  # each value is fine alone; bitfit x t5 is not: refused before any run
+        ["-m", "method=lora,bitfit", "model=tiny-bert,tiny-t5"],
+        None,
+        "sweep point method=bitfit model=tiny-t5 (of 4 points): method bitfit does not apply",
+    ),
+    (
+        "LoRA rank above the width",
+        ["model=tiny-bert", "method.r=33"],
+        None,
+        "method.r=33: above the smallest",
+    ),
+    (
+        "AdaLoRA rank above the width",
+        ["model=tiny-bert", "method=adalora", "method.init_r=40", "method.target_r=8"],
+        None,
+        "method.init_r=40: above the smallest adapted weight's dimension; use method.init_r<=32",
+    ),
+    (
+        "soft prompt past the positions",
+        ["model=tiny-roberta", "method=prompt_tuning", "task.max_length=500"],
+        None,
+        "task.max_length=500 + method.length=20 is more than model tiny-roberta's 512 positions",
+    ),
+    (
+        "max_length past the positions",
+        ["model=tiny-bert", "task.max_length=513"],
+        None,
+        "tiny-bert's 512 positions",
+    ),
+    (
+        "batch not divisible by the processes",
+        ["train.batch_size=6"],
+        lambda tmp, mp: {"WORLD_SIZE": "4"},
+        "train.batch_size=6 with 4 processes",
+    ),
+    (
+        "seed out of range",
+        ["seed=4294967296"],
+        None,
+        "seed=4294967296: must be an integer in [0, 4294967295]",
+    ),
+    ("adam betas", ["train.adam_betas=[0.9,1.0]"], None, "train.adam_betas=[0.9, 1.0]: must be a list of 2"),
+    ("num_threads 0", ["train.num_threads=0"], None, "train.num_threads=0: must be a positive integer"),
+    ("lr a string", ["train.lr='1e-3'"], None, "train.lr='1e-3': must be a positive number"),
+    ("an unknown added key", ["+method.rank=4"], None, "unknown key method.rank; method has:"),
+    (
+        "an unknown nested key",
+        ["+train.loss.lmm=1"],
+        None,
+        "unknown key train.loss.lmm (did you mean train.loss.lm?)",
+    ),
     ("ft_top2 k", ["method=ft_top2", "method.k=9", "model=tiny-bert"], None, "method.k=9 but"),
     ("n_shot too large", [*RTE, "task.n_shot=100000"], None, "task.n_shot=100000 but rte has only"),
     ("model.path missing", [*RTE, "model.path=/no/such/ckpt"], None, "model.path='/no/such/ckpt'"),
@@ -516,7 +579,12 @@ BAD_INPUTS = [
         lambda tmp, mp: full_disk_safetensors(mp),
         "disk full while writing the checkpoint of step 2",
     ),
-    ("disk full at the lock", RTE, lambda tmp, mp: full_disk_at_the_lock(mp), "disk full while writing the lock"),
+    (
+        "disk full at the lock",
+        RTE,
+        lambda tmp, mp: full_disk_at_the_lock(mp),
+        "disk full while writing the lock",
+    ),
     ("out of memory", RTE, lambda tmp, mp: out_of_memory(mp), "out of memory at train.batch_size=8"),
 ]
 
@@ -634,3 +702,124 @@ def test_a_lock_the_full_disk_did_not_let_us_write_is_removed(tmp_path, monkeypa
     with pytest.raises(UserError, match="disk full while writing the lock"):
         try_lock(tmp_path / "run.lock", stale_after_s=600)
     assert not (tmp_path / "run.lock").exists()  # no empty lock left to hold the run
+
+
+# --- identity: a run is its config and the data it read --------------------------------------------------
+
+
+def test_a_run_on_other_data_is_not_taken_for_the_finished_one(compose, tmp_path, monkeypatch, capsys):
+    """A run on a 40-row cut of RTE, then the same command on the full RTE: the cut's record is not taken as
+    the full run (its data's content hash differs): it runs again beside it and replaces it when it
+    finishes; the same data again is skipped."""
+    require_data()
+    full = os.environ["PEFTBENCH_DATA_DIR"]
+    rows = (Path(full) / "glue/RTE/train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    cut = raw_data(tmp_path / "cut", "glue/RTE", {"train.tsv": "".join(rows[:41]).encode()})
+    (cut / "glue/RTE/dev.tsv").write_bytes((Path(full) / "glue/RTE/dev.tsv").read_bytes())
+    args = [*SMALL, "train.max_steps=2"]
+    monkeypatch.setenv("PEFTBENCH_DATA_DIR", str(cut))
+    small = execute(compose(*args))
+    assert small["status"] == "finished" and small["data"]["n_train"] == 40
+    assert small["data_identity"]["glue/RTE"].startswith("2 files, ")
+    monkeypatch.setenv("PEFTBENCH_DATA_DIR", full)
+    capsys.readouterr()
+    again = execute(compose(*args))
+    out = capsys.readouterr().out
+    assert "rerun" in out and "its data changed" in out and "glue/RTE: 2 files" in out, out
+    assert again["run_id"] == small["run_id"] and again["data"]["n_train"] == 64
+    assert again["data_identity"] != small["data_identity"]
+    path = Path(compose(*args).paths.results) / "runs" / f"{again['run_id']}.json"
+    assert json.loads(path.read_text())["data_identity"] == again["data_identity"]
+    assert not list(path.parent.glob("*.rerun*"))
+    execute(compose(*args))  # the same data: skipped
+    assert "skip" in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_other_data_does_not_resume(compose, tmp_path, monkeypatch):
+    require_data()
+    full = os.environ["PEFTBENCH_DATA_DIR"]
+    rows = (Path(full) / "glue/RTE/train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    cut = raw_data(tmp_path / "cut", "glue/RTE", {"train.tsv": "".join(rows[:65]).encode()})
+    (cut / "glue/RTE/dev.tsv").write_bytes((Path(full) / "glue/RTE/dev.tsv").read_bytes())
+    args = [*SMALL, "train.max_steps=6"]
+    monkeypatch.setenv("PEFTBENCH_DATA_DIR", str(cut))
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        execute(compose(*args))
+    monkeypatch.setattr("peftbench.loop.kill_point", lambda where, at: None)
+    monkeypatch.setenv("PEFTBENCH_DATA_DIR", full)
+    with pytest.raises(UserError, match="has data_identity=.* but this run has"):
+        execute(compose(*args))
+
+
+# --- write paths: checked before any work --------------------------------------------------------------
+
+REPO_RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def _in_the_way(tmp: Path) -> Path:
+    (tmp / "a_file").write_text("")
+    return tmp / "a_file"
+
+
+WRITE_PATHS = [
+    # (case, argv given tmp, the one line's text); the score cases would score for minutes if not refused
+    ("table --out a folder", lambda t: ["table", "offline_minilm", "--out", str(t)], "--out="),
+    (
+        "table --out under a file",
+        lambda t: ["table", "offline_minilm", "--out", str(_in_the_way(t) / "x.md")],
+        "cannot write there",
+    ),
+    (
+        "score out= a folder",
+        lambda t: ["score", "task=dart", f"predictions={_in_the_way(t)}", f"out={t}"],
+        "is a folder; give a file path",
+    ),
+    (
+        "score out= under a file",
+        lambda t: ["score", "task=dart", f"predictions={_in_the_way(t)}", f"out={t / 'a_file' / 's.json'}"],
+        "cannot write there",
+    ),
+    (
+        "raft-submit --out under a file",
+        lambda t: ["raft-submit", "--results", str(REPO_RESULTS), "--out", str(_in_the_way(t) / "sub")],
+        "submission folder",
+    ),
+]
+
+
+@pytest.mark.parametrize("argv,expected", [c[1:] for c in WRITE_PATHS], ids=[c[0] for c in WRITE_PATHS])
+def test_a_bad_write_path_is_one_line_before_any_work(tmp_path, capsys, argv, expected):
+    assert main(argv(tmp_path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "\n" not in err and "Traceback" not in err, err
+
+
+def test_plot_into_a_read_only_results_folder_is_one_line_before_drawing(tmp_path, monkeypatch, capsys):
+    """The records can be read, the folder not written: as EACCES from the kernel (a real chmod when not
+    root; root ignores permission bits, so there the probe file's creation raises what the kernel raises)."""
+    import shutil
+
+    folder = tmp_path / "results" / "offline_minilm"
+    shutil.copytree(REPO_RESULTS / "offline_minilm", folder)
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+    else:
+        real = tempfile.NamedTemporaryFile
+
+        def refuse(*a, dir=None, **kw):
+            if dir is not None and Path(dir) == folder:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+            return real(*a, dir=dir, **kw)
+
+        monkeypatch.setattr("peftbench.record.tempfile.NamedTemporaryFile", refuse)
+    before = {p: p.read_bytes() for p in folder.glob("*.png")}
+    drawn = []
+    monkeypatch.setattr("peftbench.report.plot.draw", lambda *a, **k: drawn.append(a))
+    try:
+        assert main(["plot", "offline_minilm", "--results", str(tmp_path / "results")]) == 2
+    finally:
+        folder.chmod(0o755)
+    err = capsys.readouterr().err.strip()
+    assert "results folder" in err and "is not writable (Permission denied)" in err and "\n" not in err, err
+    assert not drawn and {p: p.read_bytes() for p in folder.glob("*.png")} == before

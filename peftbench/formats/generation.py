@@ -17,14 +17,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from peftbench.errors import UserError, choice_error
+from peftbench.errors import UserError
 from peftbench.formats import Format
 from peftbench.formats.logprobs import pad_to, scored_positions_only
-from peftbench.methods import positive_int
 from peftbench.models import family, inner
 from peftbench.record import write_atomic
-
-DECODE_STRATEGIES = ("beam", "greedy", "sample")
 
 
 def encode_train(rows: list[dict], task_cfg: DictConfig, tokenizer, kind: str) -> list[dict[str, Any]]:
@@ -86,14 +83,6 @@ class GenerationFormat(Format):
                 f"task {cfg.task.name} generates text and model {cfg.model.name} ({fam.name}) has no decoder; "
                 "use a GPT-2, T5 or BART model"
             )
-        d = cfg.task.decode
-        if d.strategy not in DECODE_STRATEGIES:
-            raise choice_error("task.decode.strategy", d.strategy, DECODE_STRATEGIES)
-        for key in ("num_beams", "max_new_tokens"):
-            positive_int(d[key], f"task.decode.{key}")
-        n = d.no_repeat_ngram_size
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise UserError(f"task.decode.no_repeat_ngram_size={n!r}: must be an integer >= 0")
 
     def encode_train(self, rows: list[dict]) -> list[dict[str, Any]]:
         return encode_train(rows, self.cfg.task, self.tokenizer, self.kind)

@@ -13,6 +13,9 @@ a method that trains some tensors of the model) and may define hooks the recipe 
     on_train_start(model, total_steps, method_cfg)      before the first step (AdaLoRA's schedule)
     adjust_loss(model, loss, method_cfg)          -> the loss to back-propagate (AdaLoRA's regulariser)
     after_step(model, step, method_cfg)           after each optimizer step, before zero_grad (AdaLoRA)
+    input_positions(cfg)                          -> int; positions a soft prompt adds to the input (run config)
+
+A method's own config keys, with their types and ranges, are its module's `FIELDS` (peftbench/schema.py).
 
 Hooks receive the model as the method built it (unwrapped from accelerate / DDP). No list of method names
 exists outside this folder: the generic code asks `capabilities(cfg)` and `hook()`.
@@ -78,18 +81,6 @@ def unfreeze_head(model: torch.nn.Module, fam: Family) -> None:
     """The task head is new (random init), so every method trains it."""
     for name in fam.head:
         unfreeze(model.get_submodule(name))
-
-
-def positive_int(value, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise UserError(f"{name}={value!r}: must be a positive integer")
-    return value
-
-
-def dropout_rate(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise UserError(f"{name}={value!r}: must be in [0, 1)")
-    return value
 
 
 def finish(model: torch.nn.Module) -> torch.nn.Module:

@@ -21,32 +21,43 @@ from peft import AdaLoraConfig, get_peft_model
 from torch import nn
 
 from peftbench.errors import UserError
-from peftbench.methods import Capabilities, dropout_rate, positive_int, remember
-from peftbench.methods.lora import whole_targets
+from peftbench.methods import Capabilities, remember
+from peftbench.methods.lora import FUSED, TARGETS, check_rank, whole_targets
 from peftbench.models import Family
+from peftbench.schema import Bool, Number, OneOf, Positive, PositiveInt, Rate
 
 # peft merges P Λ Q (pruned triplets are zero) into the weights
 CAN = Capabilities(exportable=True, tensors=("lora_",))
+EMA = Number(0, 1, open_low=True, open_high=True, doc="an EMA coefficient")
+FIELDS = {
+    "init_r": PositiveInt(),
+    "target_r": PositiveInt(),
+    "alpha": Positive(doc="scaling alpha / init_r"),
+    "dropout": Rate(),
+    "targets": TARGETS,
+    "orth_reg_weight": Number(0),
+    "tinit_frac": Number(0, 1, open_high=True),
+    "tfinal_frac": Number(0, 1, open_high=True),
+    "delta_t": PositiveInt(),
+    "beta1": EMA,
+    "beta2": EMA,
+    "fused": OneOf(*FUSED),
+    "merge": Bool(),
+}
 
 
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
-    init_r = positive_int(cfg.init_r, "method.init_r")
-    target_r = positive_int(cfg.target_r, "method.target_r")
+    init_r = cfg.init_r
+    target_r = cfg.target_r
     if target_r > init_r:
         raise UserError(f"method.target_r={target_r} > method.init_r={init_r}: the budget only shrinks")
-    if cfg.alpha <= 0:
-        raise UserError(f"method.alpha={cfg.alpha!r}: must be positive (scaling is alpha / init_r)")
-    dropout_rate(cfg.dropout, "method.dropout")
-    if cfg.orth_reg_weight < 0:
-        raise UserError(f"method.orth_reg_weight={cfg.orth_reg_weight!r}: must be >= 0")
-    for key in ("beta1", "beta2"):
-        if not 0 < cfg[key] < 1:
-            raise UserError(f"method.{key}={cfg[key]!r}: must be in (0, 1) (an EMA coefficient)")
-    if not (0 <= cfg.tinit_frac and 0 <= cfg.tfinal_frac and cfg.tinit_frac + cfg.tfinal_frac < 1):
+    if cfg.tinit_frac + cfg.tfinal_frac >= 1:
         raise UserError(
             f"method.tinit_frac={cfg.tinit_frac!r}, method.tfinal_frac={cfg.tfinal_frac!r}: each >= 0 and "
             f"their sum < 1 (the budget needs steps between them)"
         )
+    pattern = whole_targets(cfg, fam, "adalora")
+    check_rank(model, pattern, init_r, "method.init_r")
     model = get_peft_model(
         model,
         AdaLoraConfig(
@@ -54,12 +65,12 @@ def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
             target_r=target_r,
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.dropout,
-            target_modules=whole_targets(cfg, fam, "adalora"),
+            target_modules=pattern,
             modules_to_save=list(fam.head),
             fan_in_fan_out=fam.kind == "decoder",  # GPT-2's Conv1D stores W transposed
             bias="none",
             orth_reg_weight=cfg.orth_reg_weight,
-            deltaT=positive_int(cfg.delta_t, "method.delta_t"),
+            deltaT=cfg.delta_t,
             beta1=cfg.beta1,
             beta2=cfg.beta2,
             # placeholders: on_train_start sets the run's schedule (peft requires total_step > tinit + tfinal)

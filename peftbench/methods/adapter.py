@@ -30,8 +30,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from peftbench.errors import UserError
-from peftbench.methods import Capabilities, freeze, positive_int, remember, unfreeze_head
+from peftbench.methods import Capabilities, freeze, remember, unfreeze_head
 from peftbench.models import Family
+from peftbench.schema import Bool, Number, OneOf, PositiveInt
 
 # Per family: module-path regexes whose OUTPUT is a sublayer's output before residual (+ LayerNorm).
 # Dropout modules where the model has them (the adapter then sees exactly what the residual would add).
@@ -50,6 +51,12 @@ PLACEMENTS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
 NORM_TYPES = ("LayerNorm", "T5LayerNorm")
 # the adapters, and (Houlsby) the LayerNorms by each family's names for them
 CAN = Capabilities(tensors=(".adapter.", "LayerNorm", "layer_norm", "layernorm", "ln_"))
+FIELDS = {
+    "placement": OneOf(*PLACEMENTS),
+    "bottleneck": PositiveInt(null=True, doc="m"),
+    "budget": Number(0, 1, open_low=True, open_high=True, null=True, doc="a fraction of the model's parameters"),
+    "train_layer_norm": Bool(),
+}
 
 
 class Adapter(nn.Module):
@@ -80,8 +87,6 @@ class WithAdapter(nn.Module):
 
 
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
-    if cfg.placement not in PLACEMENTS:
-        raise UserError(f"method.placement={cfg.placement!r}; choose from: {', '.join(PLACEMENTS)}")
     family_name = fam.name
     if family_name not in SITES:
         raise UserError(f"method {cfg.name} does not apply to {type(model).__name__}: no adapter sites known")
@@ -116,9 +121,7 @@ def bottleneck(cfg: DictConfig, model: nn.Module, fam: Family, n: int, d: int, n
             "set exactly one of method.bottleneck (size m) or method.budget (fraction, e.g. 0.001)"
         )
     if cfg.bottleneck is not None:
-        return positive_int(cfg.bottleneck, "method.bottleneck")
-    if not 0 < cfg.budget < 1:
-        raise UserError(f"method.budget={cfg.budget!r}: a fraction of the model's parameters in (0, 1)")
+        return cfg.bottleneck
     head = set(fam.head)
     total = sum(p.numel() for k, p in model.named_parameters() if head.isdisjoint(k.split(".")))
     m = round((cfg.budget * total - n_norm - n * d) / (n * (2 * d + 1)))

@@ -10,14 +10,16 @@ import torch
 from omegaconf import DictConfig
 
 from peftbench.errors import UserError
-from peftbench.methods import Capabilities, freeze, positive_int, unfreeze, unfreeze_head
+from peftbench.methods import Capabilities, freeze, unfreeze, unfreeze_head
 from peftbench.models import Family
+from peftbench.schema import PositiveInt
 
 CAN = Capabilities(exportable=True, fsdp=True)  # its trained tensors are the model's own weights
+FIELDS = {"k": PositiveInt(doc="blocks from the top")}
 
 
 def apply(model: torch.nn.Module, cfg: DictConfig, fam: Family) -> torch.nn.Module:
-    k = positive_int(cfg.k, "method.k")
+    k = cfg.k
     freeze(model)
     for path in fam.blocks:
         blocks = model.get_submodule(path)

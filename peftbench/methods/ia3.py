@@ -24,8 +24,10 @@ from torch import nn
 
 from peftbench.methods import Capabilities, freeze, remember, unfreeze_head
 from peftbench.models import Family
+from peftbench.schema import Bool
 
 CAN = Capabilities(exportable=True, tensors=("ia3_",))  # peft merges the vectors into the weights
+FIELDS = {"merge": Bool()}
 
 
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:

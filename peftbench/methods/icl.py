@@ -17,8 +17,16 @@ from peftbench.errors import UserError
 from peftbench.formats.prompt_text import encode_prompted
 from peftbench.methods import Capabilities, freeze, remember
 from peftbench.models import Family
+from peftbench.schema import SEED, Bool, Int, ListOf, String
 
 CAN = Capabilities(trains=False, in_params_table=False)
+FIELDS = {
+    "needs_prompt_format": Bool(),
+    "shots": Int(0, doc="k demonstrations"),
+    "order_seed": SEED,
+    "calibrate": Bool(),
+    "content_free": ListOf(String(), doc="content-free inputs of contextual calibration"),
+}
 
 
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:

@@ -29,11 +29,19 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from peftbench.errors import UserError
-from peftbench.methods import Capabilities, positive_int
+from peftbench.methods import Capabilities
 from peftbench.models import FROZEN_SUFFIX, Family
+from peftbench.schema import SEED, Bool, ListOf, OneOf, PositiveInt, Text
 
 # d trainable numbers: its table is intrinsic_dimension
 CAN = Capabilities(in_params_table=False, tensors=("intrinsic.",))
+FIELDS = {
+    "d": PositiveInt(doc="trainable numbers"),
+    "projection": OneOf("auto", "dense", "fastfood"),
+    "said": Bool(),
+    "projection_seed": SEED,
+    "exclude": ListOf(Text(), doc="glob patterns of parameter names kept at theta_0"),
+}
 
 DENSE_LIMIT = 2**26  # dense projections, all tensors together: at most this many entries (256 MiB in fp32)
 
@@ -123,7 +131,7 @@ class Subspace(torch.nn.Module):
 
     def __init__(self, targets: list[tuple[str, torch.nn.Parameter]], cfg: DictConfig):
         super().__init__()
-        d = positive_int(cfg.d, "method.d")
+        d = cfg.d
         self.said = bool(cfg.said)
         m = len(targets) if self.said else 0
         if d <= m:
@@ -139,10 +147,6 @@ class Subspace(torch.nn.Module):
         kind = cfg.projection
         if kind == "auto":
             kind = "dense" if (d - m) * sum(sizes) <= DENSE_LIMIT else "fastfood"
-        if kind not in ("dense", "fastfood"):
-            raise UserError(
-                f"unknown method.projection {cfg.projection!r}; choose from: auto, dense, fastfood"
-            )
         if kind == "dense" and (d - m) * sum(sizes) > DENSE_LIMIT:
             raise UserError(
                 f"method.projection=dense with d={d}: a {d - m} x {sum(sizes):,} matrix is over 2^26 entries; "

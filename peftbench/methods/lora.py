@@ -29,21 +29,31 @@ from safetensors.torch import load_file
 from torch import nn
 
 from peftbench.errors import UserError
-from peftbench.methods import Capabilities, dropout_rate, freeze, positive_int, remember, unfreeze_head
+from peftbench.methods import Capabilities, freeze, remember, unfreeze_head
 from peftbench.models import Family
+from peftbench.schema import Bool, ListOf, Map, OneOf, Positive, PositiveInt, Rate, Text
 
 # finish() merges peft's B A (DoRA, PiSSA too) and FusedLoRA's slices
 CAN = Capabilities(exportable=True, tensors=("lora_",))
 
 SLICES = ("q", "k", "v")
 FUSED = ("slices", "whole")  # method.fused on GPT-2's c_attn: our q / v slices, or peft on the whole matrix
+TARGETS = ListOf(Text(), doc="abstract weights (q, k, v, o, ffn_in, ffn_out); the family's are checked on apply")
+# the keys of lora, dora and pissa (peftbench.schema checks them before anything runs)
+FIELDS = {
+    "r": PositiveInt(),
+    "alpha": Positive(doc="scaling alpha / r"),
+    "dropout": Rate(),
+    "targets": TARGETS,
+    "merge": Bool(),
+    "init_from": Text(null=True),
+    "peft": Map(doc="extra peft LoraConfig keywords"),
+    "fused": OneOf(*FUSED),
+}
 
 
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
-    r = positive_int(cfg.r, "method.r")
-    if cfg.alpha <= 0:
-        raise UserError(f"method.alpha={cfg.alpha!r}: must be positive (scaling is alpha / r)")
-    dropout_rate(cfg.dropout, "method.dropout")
+    r = cfg.r
     targets = list(cfg.targets)
     check_targets(targets, fam)
     mode = fused_mode(cfg)
@@ -57,8 +67,11 @@ def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
             f"method={cfg.name} on {fam.name}: our q / v slices of the fused c_attn are plain LoRA, not "
             f"method.peft {sorted(extra)}; set method.fused=whole to adapt the whole c_attn (k too) with peft"
         )
+    if fused:
+        check_rank(model, r".*\." + fam.proj["qkv"], r, "method.r")
     if separate:
         pattern = r".*\.(" + "|".join(fam.proj[t] for t in separate) + r")$"
+        check_rank(model, pattern, r, "method.r")
         model = get_peft_model(
             model,
             LoraConfig(
@@ -80,6 +93,18 @@ def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
     if cfg.get("init_from") and next(model.parameters()).device.type != "meta":
         warm_start(model, Path(cfg.init_from))
     return remember(model, cfg, init_from=None)  # a reload overwrites A, B: no warm start needed
+
+
+def check_rank(model: nn.Module, pattern: str, r: int, key: str) -> None:
+    """A rank above the smallest dimension of an adapted weight adds nothing a full-rank update would not
+    (and PiSSA's SVD cannot take it): refuse it, naming the largest rank that fits."""
+    dims = [
+        min(m.weight.shape)
+        for name, m in model.named_modules()
+        if re.fullmatch(pattern, name) and getattr(m, "weight", None) is not None and m.weight.dim() == 2
+    ]
+    if dims and r > min(dims):
+        raise UserError(f"{key}={r}: above the smallest adapted weight's dimension; use {key}<={min(dims)}")
 
 
 def check_targets(targets: list[str], fam: Family) -> None:

@@ -18,13 +18,13 @@ from torch import nn
 from peftbench.errors import UserError
 from peftbench.methods import Capabilities, lora
 from peftbench.models import Family
+from peftbench.schema import Positive
 
 CAN = Capabilities(exportable=True, tensors=("lora_",))  # the adapter is LoRA's: merged into the weights
+FIELDS = {**lora.FIELDS, "lr_ratio": Positive(doc="lr of B / lr of A")}
 
 
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
-    if not cfg.lr_ratio > 0:
-        raise UserError(f"method.lr_ratio={cfg.lr_ratio!r}: must be positive (lr of B / lr of A)")
     return lora.apply(model, cfg, fam)
 
 

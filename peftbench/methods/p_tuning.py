@@ -13,15 +13,28 @@ from __future__ import annotations
 from omegaconf import DictConfig
 from torch import nn
 
-from peftbench.errors import UserError, choice_error
+from peftbench.errors import UserError
 from peftbench.formats.prompt_text import SLOT
-from peftbench.methods import Capabilities, positive_int, remember, unfreeze
+from peftbench.methods import Capabilities, remember, unfreeze
 from peftbench.methods.prompt import apply_prompt
+from peftbench.methods.prompt_tuning import INITS
 from peftbench.models import Family
+from peftbench.schema import SEED, Bool, ListOf, Map, OneOf, PositiveInt, Text
 
 ENCODERS = ("lstm", "mlp", "emb")
 PLACEMENTS = ("prepend", "template")
 CAN = Capabilities(changes_input=True, tensors=("prompt_encoder.",))
+FIELDS = {
+    "length": PositiveInt(doc="prompt tokens"),
+    "encoder": OneOf(*ENCODERS),
+    "hidden": PositiveInt(null=True, doc="the prompt encoder's width (null: the paper's)"),
+    "placement": OneOf(*PLACEMENTS),
+    "tune_backbone": Bool(),
+    "init": OneOf(*INITS),
+    "label_words": ListOf(Text(), null=True),
+    "tokenizer": Map(doc="the model config (interpolated: ${model})"),
+    "seed": SEED,
+}
 
 
 def anchored(cfg: DictConfig) -> bool:
@@ -58,15 +71,15 @@ def check(cfg: DictConfig, fam: Family, fmt: str) -> None:
         )
 
 
+def input_positions(cfg: DictConfig) -> int:
+    """Positions the prompt adds to the input: prepended, its length; in the template's [P] slots, none
+    (they are tokens of the text, within task.max_length)."""
+    return 0 if anchored(cfg) else int(cfg.method.length)
+
+
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
-    if cfg.encoder not in ENCODERS:
-        raise choice_error("method.encoder", cfg.encoder, ENCODERS)
-    hidden = positive_int(cfg.hidden, "method.hidden") if cfg.hidden is not None else 0  # 0: the paper's
-    if not isinstance(cfg.tune_backbone, bool):
-        raise choice_error("method.tune_backbone", cfg.tune_backbone, ["true", "false"])
+    hidden = cfg.hidden or 0  # 0: the paper's
     placement = cfg.get("placement", "prepend")
-    if placement not in PLACEMENTS:
-        raise choice_error("method.placement", placement, PLACEMENTS)
     kind = "none" if cfg.encoder == "emb" else cfg.encoder
     model = apply_prompt(model, cfg, fam, kind, hidden, placement)
     if cfg.tune_backbone:

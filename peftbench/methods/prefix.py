@@ -29,11 +29,20 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from peftbench.errors import UserError
-from peftbench.methods import Capabilities, freeze, positive_int, remember, unfreeze_head
+from peftbench.methods import Capabilities, freeze, remember, unfreeze_head
 from peftbench.models import Family
+from peftbench.schema import Bool, Map, PositiveInt, Text
 
 # key / value prefixes: one sequence per answer choice
 CAN = Capabilities(changes_input=True, tensors=("prefix_encoder.",))
+FIELDS = {
+    "length": PositiveInt(doc="prefix length n"),
+    "mlp": Bool(),
+    "mid_dim": PositiveInt(doc="the reparameterisation MLP's hidden size"),
+    "init_text": Text(null=True),
+    "tokenizer": Map(doc="the model config (interpolated: ${model})"),
+    "merge": Bool(),
+}
 
 IMPL = "peftbench_prefix"
 ATTENTION = {
@@ -134,8 +143,8 @@ class PrefixEncoder(nn.Module):
 
 
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
-    n = positive_int(cfg.length, "method.length")
-    mid = positive_int(cfg.mid_dim, "method.mid_dim") if cfg.mlp else None
+    n = cfg.length
+    mid = cfg.mid_dim if cfg.mlp else None
     family_name = fam.name
     if family_name not in ATTENTION:
         raise UserError(

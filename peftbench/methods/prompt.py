@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from peftbench.errors import UserError
-from peftbench.methods import freeze, positive_int, unfreeze_head
+from peftbench.methods import freeze, unfreeze_head
 from peftbench.models import Family
 
 
@@ -226,7 +226,7 @@ def label_token_ids(cfg: DictConfig) -> list[list[int]]:
 def apply_prompt(
     model: nn.Module, cfg: DictConfig, fam: Family, kind: str, hidden: int = 0, placement: str = "prepend"
 ) -> nn.Module:
-    n = positive_int(cfg.length, "method.length")
+    n = cfg.length
     d = model.base_model.get_input_embeddings().weight.shape[1]
     # THUDM/P-tuning's prompt encoder (LAMA/p_tuning/prompt_encoder.py): a 2-layer bidirectional LSTM of d / 2
     # per direction, then Linear(d, d), ReLU, Linear(d, d); the MLP encoder's default width is d

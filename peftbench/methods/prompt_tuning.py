@@ -9,13 +9,21 @@ from __future__ import annotations
 from omegaconf import DictConfig
 from torch import nn
 
-from peftbench.errors import UserError, choice_error
+from peftbench.errors import UserError
 from peftbench.methods import Capabilities, remember
 from peftbench.methods.prompt import apply_prompt
 from peftbench.models import Family
+from peftbench.schema import SEED, ListOf, Map, OneOf, PositiveInt, Text
 
 INITS = ("random_uniform", "sampled_vocab", "class_label")
 CAN = Capabilities(changes_input=True, tensors=("prompt_encoder.",))
+FIELDS = {
+    "length": PositiveInt(doc="prompt tokens n"),
+    "init": OneOf(*INITS),
+    "label_words": ListOf(Text(), null=True, doc="words whose embeddings init the first slots (class_label)"),
+    "tokenizer": Map(doc="the model config (interpolated: ${model})"),
+    "seed": SEED,
+}
 
 
 def check(cfg: DictConfig, fam: Family, fmt: str) -> None:
@@ -27,8 +35,11 @@ def check(cfg: DictConfig, fam: Family, fmt: str) -> None:
         )
 
 
+def input_positions(cfg: DictConfig) -> int:
+    """Positions the prompt takes in the input sequence (validate: max_length + these fit the model)."""
+    return int(cfg.method.length)
+
+
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
-    if cfg.init not in INITS:
-        raise choice_error("method.init", cfg.init, INITS)
     model = apply_prompt(model, cfg, fam, "none")
     return remember(model, cfg, init="random_uniform")  # a reload overwrites P: skip the label-word lookup

@@ -14,16 +14,26 @@ from omegaconf import DictConfig
 from peft import VeraConfig, get_peft_model
 from torch import nn
 
-from peftbench.methods import Capabilities, dropout_rate, positive_int, remember
-from peftbench.methods.lora import whole_targets
+from peftbench.methods import Capabilities, remember
+from peftbench.methods.lora import FUSED, TARGETS, whole_targets
 from peftbench.models import Family
+from peftbench.schema import SEED, Bool, Number, OneOf, PositiveInt, Rate
 
 CAN = Capabilities(exportable=True, tensors=("vera_",))  # peft merges Λ_b B Λ_d A into the weights
+FIELDS = {
+    "r": PositiveInt(doc="the shared random matrices' rank: may exceed the model's width"),
+    "d_initial": Number(),
+    "dropout": Rate(),
+    "targets": TARGETS,
+    "projection_prng_key": SEED,
+    "save_projection": Bool(),
+    "fused": OneOf(*FUSED),
+    "merge": Bool(),
+}
 
 
 def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
-    r = positive_int(cfg.r, "method.r")
-    dropout_rate(cfg.dropout, "method.dropout")
+    r = cfg.r
     model = get_peft_model(
         model,
         VeraConfig(

@@ -4,6 +4,7 @@ and settings), the check that committed tables equal their records, and a preset
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from peftbench.errors import UserError
@@ -26,8 +27,8 @@ def make_table(
     from peftbench.report import presets, records_table, render
 
     if experiment.is_preset(name):  # the layout is the preset's: cells without runs say "missing"
-        records = load_records(root / name) if (root / name).is_dir() else []
         preset = experiment.load_preset(name)
+        records = in_preset(preset, load_records(root / name) if (root / name).is_dir() else [])
         text = render(presets.table(preset, records, stat, paper, with_efficiency), fmt)
         notes = presets.threshold_dimension(preset, records, stat or preset.protocol.stat)
         return text + "".join(f"\n\n{line}" if fmt == "md" else f"\n# {line}" for line in notes)
@@ -35,6 +36,25 @@ def make_table(
     if not records:
         raise UserError(f"no records in {root / name}; run `peftbench train name={name} ...` first")
     return render(records_table(records, stat or "mean", with_efficiency), fmt)
+
+
+def in_preset(preset, records: list[dict]) -> list[dict]:
+    """The records of the preset's grid (row, task, seed, method, model); any other record in its folder (a
+    seed or method run by hand under a row's label) is left out of its table, with a warning naming it."""
+    from peftbench.experiment import expand
+
+    grid = {(p.row, p.task, p.seed, p.method, p.model) for p in expand(preset)}
+    kept = []
+    for r in records:
+        if (r.get("row"), r.get("task"), r.get("seed"), r.get("method"), r.get("model")) in grid:
+            kept.append(r)
+        else:
+            print(
+                f"[peftbench] warning: {r.get('run_id')} (row {r.get('row')!r}, method {r.get('method')}, seed "
+                f"{r.get('seed')}) is not a run of preset {preset.name}; left out of its table",
+                file=sys.stderr,
+            )
+    return kept
 
 
 def check_tables(root: Path) -> int:
@@ -57,7 +77,7 @@ def check_tables(root: Path) -> int:
 def plot_experiment(root: Path, name: str, stat: str | None) -> list[Path]:
     """Every plot a preset declares, drawn from its records; the PNG files written."""
     from peftbench import experiment
-    from peftbench.record import load_records
+    from peftbench.record import check_writable, load_records
     from peftbench.report import center, presets
     from peftbench.report.plot import draw
 
@@ -65,6 +85,8 @@ def plot_experiment(root: Path, name: str, stat: str | None) -> list[Path]:
     if not preset.get("plots"):
         raise UserError(f"experiment {name} declares no plots")
     records = load_records(root / name)
+    # the PNGs go beside the records: refused before any drawing
+    check_writable(root / name, "results folder", "copy it somewhere writable and pass --results DIR")
     stat = stat or preset.protocol.stat
     written = []
     for spec in preset.plots:

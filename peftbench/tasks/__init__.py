@@ -7,6 +7,8 @@ once per task.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig
 
 from peftbench.errors import UserError
+from peftbench.paths import data_dir
 
 
 @dataclass
@@ -63,3 +66,46 @@ def check_rows(task: TaskData, needs_train: bool) -> None:
             raise UserError(
                 f"task {task.name}: the {split} split has no rows ({where}: empty, or a header only?)"
             )
+
+
+def data_identity(task_cfg: DictConfig) -> dict[str, Any]:
+    """What data a run of this task reads: the content hash, count and size of every file of its local folder
+    (and of its published few-shot files), or its hub dataset. Recorded with the run; a finished run whose
+    data changed since is run again (run.py), so a run on a cut-down copy is never taken for the full one."""
+    root, local = data_dir(), task_cfg.get("local") or {}
+    folders = [local.get("dir")] if local.get("dir") else []
+    if folders and task_cfg.get("subset") and root is not None and (root / folders[0] / task_cfg.subset).is_dir():
+        folders = [f"{folders[0]}/{task_cfg.subset}"]  # RAFT: <dir>/<subset>/
+    shots = (task_cfg.get("shot_files") or {}).get(task_cfg.get("shots_from") or "", {})
+    if shots.get("path"):
+        prefix = shots["path"].split("{")[0]  # the folder of every seed's file
+        folders.append(prefix.rstrip("/") if prefix.endswith("/") else str(Path(prefix).parent))
+    out: dict[str, Any] = {}
+    for folder in folders:
+        if root is not None and (root / folder).is_dir():
+            out[folder] = folder_digest(root / folder)
+    if not out:
+        hub = task_cfg.get("hub") or {}
+        out["hub"] = "/".join(str(v) for v in (hub.get("path"), hub.get("name")) if v)
+    return out
+
+
+def folder_digest(folder: Path) -> str:
+    """`<files> files, <bytes> bytes, sha256 <16 hex>` over the files' relative paths and contents."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    total, digest = 0, hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        total += st.st_size
+        digest.update(f"{f.relative_to(folder)}\0{file_digest(f, st.st_size, st.st_mtime_ns)}\0".encode())
+    return f"{len(files)} files, {total} bytes, sha256 {digest.hexdigest()[:16]}"
+
+
+@functools.lru_cache(maxsize=4096)
+def file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    """A file's sha256, once per process per (size, mtime): a sweep hashes each file once."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

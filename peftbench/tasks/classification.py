@@ -151,15 +151,19 @@ def _read_hub(cfg: DictConfig, split: str, missing_local: Path | None) -> list[d
 
 
 def hub_load(path: str, name: str | None = None, split: str | None = None):
-    """`datasets.load_dataset(path, name, split=split)`, or None and why it could not be loaded."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return None, "HF_HUB_OFFLINE=1"
+    """`datasets.load_dataset(path, name, split=split)` (offline: from the local Hugging Face cache, as a
+    dataset downloaded on a login node), or None and why it could not be loaded."""
+    from peftbench.env import offline_unless_reachable
+
+    offline_unless_reachable()
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
     try:
         import datasets
 
         return datasets.load_dataset(path, name, split=split), ""
     except Exception as e:  # any failure to reach or read the hub is a user-facing data problem
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
+        return None, f"HF_HUB_OFFLINE=1 and not in the local cache ({why})" if offline else why
 
 
 def hub_rows(hub: DictConfig, split: str) -> tuple[list[dict] | None, str]:

@@ -823,3 +823,118 @@ def test_plot_into_a_read_only_results_folder_is_one_line_before_drawing(tmp_pat
     err = capsys.readouterr().err.strip()
     assert "results folder" in err and "is not writable (Permission denied)" in err and "\n" not in err, err
     assert not drawn and {p: p.read_bytes() for p in folder.glob("*.png")} == before
+
+
+def test_a_sigkilled_forced_rerun_leaves_the_finished_record_and_its_files(compose, tmp_path):
+    """`train.force=true` on a finished run, killed with SIGKILL after its third step (a real process, no
+    handler runs): the finished record and its files are as they were; the rerun's state is beside them."""
+    require_data()
+    env = {"PEFTBENCH_RESULTS_DIR": str(tmp_path / "results"), "PEFTBENCH_LOG_DIR": str(tmp_path / "logs")}
+    args = [*SMALL, "train.max_steps=6"]
+    first = run_cli("train", *args, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    folder = tmp_path / "results" / "runs"
+    (path,) = folder.glob("*.json")
+    record, files = path.read_bytes(), tree(path.with_suffix(""))
+    assert json.loads(record)["status"] == "finished" and files
+    killed = run_cli("train", *args, "train.force=true", env={**env, "PEFTBENCH_TEST_KILL_AT": "step:3"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert path.read_bytes() == record
+    assert tree(path.with_suffix("")) == files
+    assert json.loads(path.with_name(path.name + ".rerun").read_text())["status"] == "running"
+
+
+def tree(folder: Path) -> dict[Path, bytes]:
+    return {f: f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(params=["tmpfs", "fake"])
+def small_fs(tmp_path, request):
+    """A 2 MiB tmpfs where the machine lets a test mount one (root with CAP_SYS_ADMIN, as here), so a full
+    disk raises what the real writers raise; None for the `fake` case, and where no tmpfs can be mounted
+    (the test then raises the writers' real exceptions from a fake)."""
+    if request.param == "fake":
+        yield None
+        return
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    try:
+        ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
+    except FileNotFoundError:  # no mount command
+        ok = None
+    if ok is None or ok.returncode != 0:
+        yield None
+        return
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write a filler file until the file system is full (ENOSPC); return it (delete it to free the space)."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_full_disk_at_a_checkpoint_loses_nothing_finished_and_the_rerun_resumes(
+    compose, small_fs, monkeypatch, capsys
+):
+    """The disk fills up just before step 6's checkpoint: safetensors / torch raise their own errors on a
+    real full file system; the run stops with one line, step 4's checkpoint is intact, and once space is
+    freed the same command resumes from step 4 and finishes."""
+    require_data()
+    from safetensors import SafetensorError
+
+    def raise_what_safetensors_raises(tensors, path):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    real, calls = checkpoint.save, []
+
+    def fill_then_save(folder, *a, **k):
+        calls.append(folder)
+        if len(calls) == 3 and small_fs is not None:
+            fill(small_fs)
+        elif len(calls) == 3:  # no tmpfs: the writer's real exception, from a fake
+            monkeypatch.setattr("peftbench.checkpoint.save_file", raise_what_safetensors_raises)
+        return real(folder, *a, **k)
+
+    monkeypatch.setattr("peftbench.checkpoint.save", fill_then_save)
+    results = small_fs / "results" if small_fs is not None else None
+    extra = [f"paths.results={results}"] if results else []
+    cfg = compose(*SMALL, *extra)
+    where = str(cfg.paths.results)  # resolved now: monkeypatch.undo() below restores the environment
+    assert main(["train", *SMALL, f"paths.results={where}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "disk full while writing the checkpoint of step 6" in err and "\n" not in err, err
+    folder = Path(where) / "runs" / run_id(cfg)
+    assert json.loads((folder / "checkpoint" / "progress.json").read_text())["progress"]["step"] == 4
+    assert not list(folder.glob(".checkpoint.tmp-*"))
+    if small_fs is not None:
+        (small_fs / "filler").unlink()
+    monkeypatch.undo()
+    rec = execute(compose(*SMALL, f"paths.results={where}"))
+    assert rec["status"] == "finished" and rec["checkpoint"].get("resumed_from_step") == 4, rec["checkpoint"]
+    assert "resume from step 4" in capsys.readouterr().out
+
+
+def test_a_full_disk_at_the_lock_is_one_line_and_leaves_no_lock(compose, small_fs, monkeypatch, capsys):
+    require_data()
+    if small_fs is None:
+        full_disk_at_the_lock(monkeypatch)
+        results = None
+    else:
+        results = small_fs / "results"
+        (results / "runs").mkdir(parents=True)
+        fill(small_fs)
+    cfg = compose(*SMALL, *([f"paths.results={results}"] if results else []))
+    assert main(["train", *SMALL, f"paths.results={cfg.paths.results}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "disk full while writing the lock" in err and "nothing ran" in err and "\n" not in err, err
+    assert not list((Path(cfg.paths.results) / "runs").glob("*.lock"))

@@ -9,6 +9,7 @@ the `row` label each run carries, so tables never parse folder or file names.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -105,7 +106,9 @@ def run_grid(name: str, args: list[str]) -> int:
     from peftbench.validate import validate
 
     only = next((a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("only=")), None)
-    extra = [a for a in args if not a.lstrip("+").startswith("only=") and a not in ("-m", "--multirun")]
+    extra = [
+        a for a in args if not a.lstrip("+").startswith("only=") and a not in ("-m", "--multirun", "--dry-run")
+    ]
     points = expand(load_preset(name), extra, only)
     if not points:
         raise UserError(f"experiment {name}: only={only!r} selects no run")
@@ -113,6 +116,11 @@ def run_grid(name: str, args: list[str]) -> int:
     points, configs = unique_runs(points, configs)
     for cfg in configs:
         validate(cfg)
+    if "--dry-run" in args:
+        from peftbench.report import render
+
+        print(render(settings_table(points, configs), "md"))
+        return 0
     failed = []
     for i, (point, cfg) in enumerate(zip(points, configs), start=1):
         print(f"[peftbench] {name} {i}/{len(points)}: {point.row} | {point.task} | seed {point.seed}")
@@ -125,6 +133,53 @@ def run_grid(name: str, args: list[str]) -> int:
         print(f"peftbench: {len(failed)} of {len(points)} runs failed (see their records)", file=sys.stderr)
         return 1
     return 0
+
+
+def settings(cfg: DictConfig) -> dict[str, Any]:
+    """What a reader checks against a paper's scripts, resolved for one run (the `--dry-run` table and the
+    transcription test, tests/transcribed/): the global batch is batch_size x grad_accum per optimizer step
+    (a source's per-device batch x its processes x its accumulation)."""
+    t, m, task = cfg.train, cfg.method, cfg.task
+    out: dict[str, Any] = {
+        "model": cfg.model.name,
+        "method": m.name,
+        "lr": t.lr,
+        "global_batch": int(t.batch_size) * int(t.grad_accum),
+        "epochs": None if t.max_steps else t.epochs,
+        "max_steps": t.max_steps,
+        "max_length": task.max_length,
+        "warmup": f"{t.warmup_steps} steps" if t.get("warmup_steps") is not None else f"{t.warmup_ratio:g}",
+        "schedule": t.get("schedule", "linear"),
+        "optimizer": t.optimizer,
+        "weight_decay": t.weight_decay,
+        "decay_bias_and_norm": t.get("decay_bias_and_norm", True),
+        "adam_eps": t.adam_eps if t.optimizer == "adamw" else None,
+        "max_grad_norm": t.max_grad_norm,
+    }
+    for key in ("r", "alpha", "dropout", "length", "mid_dim", "k", "bottleneck"):
+        if key in m:
+            out[f"method.{key}"] = m[key]
+    if task.kind == "generation":
+        d = task.decode
+        out.update(
+            label_smoothing=task.get("label_smoothing"),
+            eval_split=task.get("eval_split"),
+            decode=f"{d.strategy} {d.num_beams}, lp {d.length_penalty}, no-repeat {d.no_repeat_ngram_size}, "
+            f"max {d.max_new_tokens}",
+        )
+    return out
+
+
+def settings_table(points: list[Point], configs: list[DictConfig]) -> list[dict[str, Any]]:
+    """One line per row x task (seeds collapsed: they share every setting but the seed)."""
+    lines: dict[tuple[str, str], dict[str, Any]] = {}
+    for p, cfg in zip(points, configs):
+        key = (p.row, p.task)
+        if key in lines:
+            lines[key]["seeds"] += f",{p.seed}"
+            continue
+        lines[key] = {"row": p.row, "task": p.task, "seeds": str(p.seed), **settings(cfg)}
+    return list(lines.values())
 
 
 def unique_runs(points: list[Point], configs: list[DictConfig]) -> tuple[list[Point], list[DictConfig]]:

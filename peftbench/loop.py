@@ -14,7 +14,6 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from peftbench.checkpoint import Checkpointer, Progress, set_rng_states
 from peftbench.cost import add_training
@@ -24,7 +23,7 @@ from peftbench.evaluate import evaluate, evaluate_transfer, predict_test, track
 from peftbench.export import export_model, save_adapter
 from peftbench.faults import kill_point
 from peftbench.methods import finish, hook
-from peftbench.optim import default_optimizer
+from peftbench.optim import default_optimizer, schedule
 from peftbench.parallel import full_model_state, load_state, shard, sharded, trainable_state
 from peftbench.record import save_record
 from peftbench.setup import Setup, prepare
@@ -109,7 +108,7 @@ class Training:
         n_batches = len(s.train_loader)
         steps_per_epoch = math.ceil(n_batches / t.grad_accum)
         total_steps = int(t.max_steps) if t.max_steps else steps_per_epoch * int(t.epochs)
-        sched = get_linear_schedule_with_warmup(opt, int(t.warmup_ratio * total_steps), total_steps)
+        sched = schedule(opt, t, total_steps)
         if t.fsdp:
             model = s.model
             opt, train_loader, eval_loader, sched = acc.prepare(opt, s.train_loader, s.eval_loader, sched)

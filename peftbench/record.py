@@ -36,9 +36,18 @@ NON_SEMANTIC_TRAIN_KEYS = {
 }
 
 
+# train.* settings added after records existed, with the default that computes what those runs computed:
+# left out of the run id at that default, so every earlier record keeps its id (and is still skipped)
+ADDED_TRAIN_DEFAULTS = {"warmup_steps": None, "schedule": "linear", "decay_bias_and_norm": True}
+
+
 def run_key(cfg: DictConfig) -> dict[str, Any]:
     c = OmegaConf.to_container(cfg, resolve=True)
-    train = {k: v for k, v in c["train"].items() if k not in NON_SEMANTIC_TRAIN_KEYS}
+    train = {
+        k: v
+        for k, v in c["train"].items()
+        if k not in NON_SEMANTIC_TRAIN_KEYS and not (k in ADDED_TRAIN_DEFAULTS and ADDED_TRAIN_DEFAULTS[k] == v)
+    }
     method = {k: v for k, v in c["method"].items() if k != "description"}
     model = {k: v for k, v in c["model"].items() if k != "description"}
     task = {k: v for k, v in c["task"].items() if k != "description"}

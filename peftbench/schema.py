@@ -201,6 +201,9 @@ TRAIN: dict[str, Field] = {
     "adam_betas": ListOf(Number(0, 1, open_high=True), length=2),
     "adam_eps": Positive(),
     "warmup_ratio": Number(0, 1, open_high=True),
+    "warmup_steps": Int(0, null=True, doc="overrides warmup_ratio"),
+    "schedule": OneOf("linear", "constant"),
+    "decay_bias_and_norm": Bool(),
     # clip_grad_norm_ scales the gradient by max_norm / norm: a negative max_norm is gradient ascent, 0 zeroes it
     "max_grad_norm": Positive(null=True),
     "max_train_samples": PositiveInt(null=True),

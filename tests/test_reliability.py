@@ -479,6 +479,28 @@ BAD_INPUTS = [
     ("lr a string", ["train.lr='1e-3'"], None, "train.lr='1e-3': must be a positive number"),
     ("an unknown added key", ["+method.rank=4"], None, "unknown key method.rank; method has:"),
     (
+        "TSV without a needed column",
+        RTE,
+        lambda tmp, mp: {
+            "PEFTBENCH_DATA_DIR": str(
+                raw_data(
+                    tmp, "glue/RTE", {"train.tsv": b"index\tsent1\tsent2\tlabel\n0\tA.\tB.\tentailment\n"}
+                )
+            )
+        },
+        "RTE/train.tsv:1: header has no column 'sentence1' (found: index, sent1, sent2, label)",
+    ),
+    (
+        "E2E CSV with other columns",
+        ["model=tiny-gpt2", "task=e2e", *QUICK],
+        lambda tmp, mp: {
+            "PEFTBENCH_DATA_DIR": str(
+                raw_data(tmp, "e2e", {"trainset.csv": b'meaning,ref\n"name[A]",A.\n', **E2E_FILES})
+            )
+        },
+        "e2e/trainset.csv:1: expected the columns mr,ref (found: meaning,ref)",
+    ),
+    (
         "an unknown nested key",
         ["+train.loss.lmm=1"],
         None,

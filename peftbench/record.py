@@ -36,9 +36,10 @@ NON_SEMANTIC_TRAIN_KEYS = {
 }
 
 
-# train.* settings added after records existed, with the default that computes what those runs computed:
-# left out of the run id at that default, so every earlier record keeps its id (and is still skipped)
+# Settings added after records existed, with the value that computes what those runs computed: left out of
+# the run id at that value, so every earlier record keeps its id (and is still skipped)
 ADDED_TRAIN_DEFAULTS = {"warmup_steps": None, "schedule": "linear", "decay_bias_and_norm": True}
+ADDED_METHOD_DEFAULTS = {"activation": "relu", "init": "near_identity", "init_std": 0.01, "train_embeddings": False}
 
 
 def run_key(cfg: DictConfig) -> dict[str, Any]:
@@ -48,7 +49,11 @@ def run_key(cfg: DictConfig) -> dict[str, Any]:
         for k, v in c["train"].items()
         if k not in NON_SEMANTIC_TRAIN_KEYS and not (k in ADDED_TRAIN_DEFAULTS and ADDED_TRAIN_DEFAULTS[k] == v)
     }
-    method = {k: v for k, v in c["method"].items() if k != "description"}
+    method = {
+        k: v
+        for k, v in c["method"].items()
+        if k != "description" and not (k in ADDED_METHOD_DEFAULTS and ADDED_METHOD_DEFAULTS[k] == v)
+    }
     model = {k: v for k, v in c["model"].items() if k != "description"}
     task = {k: v for k, v in c["task"].items() if k != "description"}
     return {"method": method, "model": model, "task": task, "train": train, "seed": c["seed"]}

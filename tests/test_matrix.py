@@ -102,6 +102,7 @@ def test_matrix_cell_trains_only_the_methods_parameters(compose, method, fam, fm
     assert moved <= trainable and moved & own
     frozen = [n for n in before if n not in trainable]
     held = [n for n in buffers if n.endswith(FROZEN_SUFFIX)]  # a base weight kept as a buffer (intrinsic)
-    assert frozen or held or method == "full"  # the base really is frozen
+    # the base really is frozen (FT-top2 with the embeddings trains every block of a 2-block tiny T5 / BART)
+    assert frozen or held or method == "full" or (method == "ft_top2" and fam_.kind == "encoder-decoder")
     assert all(torch.equal(s.model.get_parameter(n), before[n]) for n in frozen)
     assert all(torch.equal(b, buffers[n]) for n, b in s.model.named_buffers())

@@ -321,3 +321,46 @@ def test_prefix_init_from_real_words(compose):
     model = apply_method(model, cfg.method, family(cfg.model))
     p = model.prefix_encoder.prefix
     assert p.shape == (3, 2 * 2 * 32) and p.abs().sum() > 0 and p.std() > 0.05  # activations, not N(0, 0.02)
+
+
+def test_ft_top2_trains_what_prefix_tunings_code_trains(compose):
+    """XiangLi1999/PrefixTuning@6519d30e:gpt2/run_language_modeling.py L797-802 (finetune-top, top_layers 2):
+    transformer.ln_f, transformer.wte (tied to the LM head), transformer.h.23, transformer.h.22."""
+    from peftbench.methods import apply_method
+    from peftbench.setup import meta_model
+
+    cfg = compose("task=e2e", "model=gpt2-medium", "method=ft_top2")
+    model, fam = meta_model(cfg)
+    model = apply_method(model, cfg.method, fam)
+    trained = {
+        ".".join(n.split(".")[: 3 if n.startswith("transformer.h.") else 2])
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+    assert trained == {"transformer.h.22", "transformer.h.23", "transformer.ln_f", "transformer.wte"}
+
+
+@pytest.mark.parametrize(
+    "method,act,std",
+    [
+        # adapter-bert: gelu, truncated normal (stddev 1e-3, cut at 2 std: its std is 0.8796 x 1e-3) on both
+        ("adapter_houlsby", torch.nn.GELU, 0.8796e-3),
+        ("adapter_pfeiffer", torch.nn.ReLU, 0.02),  # adapters' SeqBn: relu, "bert" init N(0, 0.02)
+    ],
+)
+def test_adapter_activation_and_init_follow_their_sources(compose, method, act, std):
+    from peftbench.methods import apply_method
+    from peftbench.methods.adapter import Adapter
+    from peftbench.models import family, load_model
+
+    cfg = compose("task=rte", "model=tiny-bert", f"method={method}", "method.bottleneck=256")
+    torch.manual_seed(0)
+    model = apply_method(load_model(cfg.model, "classification", 2)[0], cfg.method, family(cfg.model))
+    adapters = [m for m in model.modules() if isinstance(m, Adapter)]
+    assert adapters and all(isinstance(a.act, act) for a in adapters)
+    w = torch.cat([torch.cat([a.down.weight.flatten(), a.up.weight.flatten()]) for a in adapters])
+    assert abs(w.std().item() - std) < 0.1 * std  # 2 x 32 x 256 weights per adapter
+    if method == "adapter_houlsby":
+        assert w.abs().max().item() <= 2e-3  # cut at 2 x stddev, as TF's truncated_normal_initializer
+    biases = torch.cat([torch.cat([a.down.bias, a.up.bias]) for a in adapters])
+    assert torch.count_nonzero(biases) == 0

@@ -32,7 +32,7 @@ from torch import nn
 from peftbench.errors import UserError
 from peftbench.methods import Capabilities, freeze, remember, unfreeze_head
 from peftbench.models import Family
-from peftbench.schema import Bool, Number, OneOf, PositiveInt
+from peftbench.schema import Bool, Number, OneOf, Positive, PositiveInt
 
 # Per family: module-path regexes whose OUTPUT is a sublayer's output before residual (+ LayerNorm).
 # Dropout modules where the model has them (the adapter then sees exactly what the residual would add).
@@ -51,25 +51,40 @@ PLACEMENTS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
 NORM_TYPES = ("LayerNorm", "T5LayerNorm")
 # the adapters, and (Houlsby) the LayerNorms by each family's names for them
 CAN = Capabilities(tensors=(".adapter.", "LayerNorm", "layer_norm", "layernorm", "ln_"))
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+# near_identity: W_down ~ N(0, init_std), W_up = 0 (the adapter is exactly the identity at init; ours);
+# truncated_normal: both weights ~ N(0, init_std) cut at 2 std (google-research/adapter-bert@1a31fc6e:modeling.py
+# L321-360, init_scale 1e-3); normal: both ~ N(0, init_std) (adapter-hub/adapters@88f18eb:
+# src/adapters/methods/modeling.py init_bert_weights, std 0.02). Biases are 0 in all three.
+INITS = ("near_identity", "truncated_normal", "normal")
+
+
 FIELDS = {
     "placement": OneOf(*PLACEMENTS),
     "bottleneck": PositiveInt(null=True, doc="m"),
     "budget": Number(0, 1, open_low=True, open_high=True, null=True, doc="a fraction of the model's parameters"),
     "train_layer_norm": Bool(),
+    "activation": OneOf(*ACTIVATIONS),
+    "init": OneOf(*INITS),
+    "init_std": Positive(doc="std of the adapter weights' init"),
 }
 
 
 class Adapter(nn.Module):
-    def __init__(self, d: int, m: int, device=None, dtype=None):
+    def __init__(self, d: int, m: int, device=None, dtype=None, activation="relu", init="near_identity", std=1e-2):
         super().__init__()
         self.down = nn.Linear(d, m, device=device, dtype=dtype)
         self.up = nn.Linear(m, d, device=device, dtype=dtype)
-        self.act = nn.ReLU()
+        self.act = ACTIVATIONS[activation]()
         if self.up.weight.device.type != "meta":
-            nn.init.normal_(self.down.weight, std=1e-2)
-            nn.init.zeros_(self.down.bias)
-            nn.init.zeros_(self.up.weight)  # identity at init
-            nn.init.zeros_(self.up.bias)
+            for layer in (self.down, self.up):
+                if init == "truncated_normal":
+                    nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+                else:
+                    nn.init.normal_(layer.weight, std=std)
+                nn.init.zeros_(layer.bias)
+            if init == "near_identity":
+                nn.init.zeros_(self.up.weight)  # identity at init
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.up(self.act(self.down(h)))
@@ -99,10 +114,12 @@ def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
     n_norm = sum(p.numel() for m in norms for p in m.parameters())
     m = bottleneck(cfg, model, fam, len(sites), d, n_norm)
     p = next(model.parameters())
+    # a method.json saved before these keys existed: the behaviour of then (peftbench.record.ADDED_METHOD_DEFAULTS)
+    style = (cfg.get("activation", "relu"), cfg.get("init", "near_identity"), cfg.get("init_std", 1e-2))
     for path in sites:
         parent, _, child = path.rpartition(".")
         owner = model.get_submodule(parent)
-        setattr(owner, child, WithAdapter(getattr(owner, child), Adapter(d, m, p.device, p.dtype)))
+        setattr(owner, child, WithAdapter(getattr(owner, child), Adapter(d, m, p.device, p.dtype, *style)))
     for norm in norms:
         norm.requires_grad_(True)
     unfreeze_head(model, fam)

@@ -12,10 +12,10 @@ from omegaconf import DictConfig
 from peftbench.errors import UserError
 from peftbench.methods import Capabilities, freeze, unfreeze, unfreeze_head
 from peftbench.models import Family
-from peftbench.schema import PositiveInt
+from peftbench.schema import Bool, PositiveInt
 
 CAN = Capabilities(exportable=True, fsdp=True)  # its trained tensors are the model's own weights
-FIELDS = {"k": PositiveInt(doc="blocks from the top")}
+FIELDS = {"k": PositiveInt(doc="blocks from the top"), "train_embeddings": Bool(doc="the input embeddings too")}
 
 
 def apply(model: torch.nn.Module, cfg: DictConfig, fam: Family) -> torch.nn.Module:
@@ -29,5 +29,7 @@ def apply(model: torch.nn.Module, cfg: DictConfig, fam: Family) -> torch.nn.Modu
             unfreeze(block)
     for path in fam.final_norms:
         unfreeze(model.get_submodule(path))
+    if cfg.get("train_embeddings", False):  # tied to the LM head on GPT-2 / T5 / BART: that trains too
+        model.get_input_embeddings().requires_grad_(True)
     unfreeze_head(model, fam)
     return model

@@ -114,9 +114,10 @@ def run_grid(name: str, args: list[str]) -> int:
         raise UserError(f"experiment {name}: only={only!r} selects no run")
     configs = warm_started(load_preset(name), points, [compose(list(p.overrides)) for p in points], extra)
     points, configs = unique_runs(points, configs)
+    dry = "--dry-run" in args
     for cfg in configs:
-        validate(cfg)
-    if "--dry-run" in args:
+        validate(cfg, here=not dry)  # a dry run prints a GPU preset's settings on any machine
+    if dry:
         from peftbench.report import render
 
         print(render(settings_table(points, configs), "md"))
@@ -155,8 +156,13 @@ def settings(cfg: DictConfig) -> dict[str, Any]:
         "decay_bias_and_norm": t.get("decay_bias_and_norm", True),
         "adam_eps": t.adam_eps if t.optimizer == "adamw" else None,
         "max_grad_norm": t.max_grad_norm,
+        "mixed_precision": t.mixed_precision,
+        "group_by_length": t.group_by_length,
+        "loss": f"lm {t.loss.lm:g}, ul {t.loss.ul:g}, ln {t.loss.ln:g}" if task.get("format") == "prompt" else None,
+        "rank_length_norm": t.rank_length_norm if task.get("format") == "prompt" else None,
+        "adafactor_scale_parameter": t.adafactor_scale_parameter if t.optimizer == "adafactor" else None,
     }
-    for key in ("r", "alpha", "dropout", "length", "mid_dim", "k", "bottleneck"):
+    for key in ("r", "alpha", "dropout", "length", "mid_dim", "k", "bottleneck", "activation", "init", "init_std"):
         if key in m:
             out[f"method.{key}"] = m[key]
     if task.kind == "generation":

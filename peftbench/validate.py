@@ -18,12 +18,13 @@ from peftbench.models import FAMILIES, family
 from peftbench.schema import check_values
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, here: bool = True) -> None:
     """Every key (the schema: type, range), then the rules across keys and groups, then the method on a
-    weightless copy of the model (rank > 0, k <= blocks, applicable to the family, fits the positions)."""
+    weightless copy of the model (rank > 0, k <= blocks, applicable to the family, fits the positions).
+    `here=False` (a preset's --dry-run) leaves out what depends on this machine (CUDA for fp16)."""
     check_values(cfg)
     check_method_train(cfg)
-    check_devices(cfg.train)
+    check_devices(cfg.train, here)
     check_processes(cfg.train)
     check_task(cfg)
     check_format(cfg)
@@ -99,10 +100,12 @@ def with_capability(name: str) -> list[str]:
     return [m for m in group_options("method") if getattr(capabilities(load_option("method", m)), name)]
 
 
-def check_devices(t: DictConfig) -> None:
+def check_devices(t: DictConfig, here: bool = True) -> None:
     if t.get("compile") and t.compile not in torch._dynamo.list_backends(exclude_tags=()):
         shown = {"null", "eager", "aot_eager", *torch._dynamo.list_backends()}  # not the test-only ones
         raise choice_error("train.compile", t.compile, shown)
+    if not here:
+        return
     if t.device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
     if t.mixed_precision == "fp16" and not torch.cuda.is_available():

@@ -36,6 +36,9 @@ def expected(spec: dict, row: str, task: str) -> tuple[dict, str] | None:
         return None
     values = {**(entry.get("*") or {}), **(entry.get(task) or {})}
     source = values.pop("source", "")
+    also = spec.get("also") or {}  # more values of a row (or of every row: "*"), under the row's source
+    for part in (also.get("*") or {}, also.get(row) or {}):
+        values.update({**(part.get("*") or {}), **(part.get(task) or {})})
     return values, source
 
 
@@ -66,12 +69,19 @@ def test_every_runnable_point_runs_the_official_settings(path):
         values, source = want
         assert source, f"{path.name}: row {p.row!r} task {p.task} has no source"
         ours = experiment.settings(compose(list(p.overrides)))
+        # no official script batches by length (HF Trainer's group_by_length is off unless asked for)
+        if kept(spec, p.row, p.task, "group_by_length") is None and ours["group_by_length"] is not False:
+            problems.append(
+                f"{p.row} | {p.task} | group_by_length: ours {ours['group_by_length']!r}, source False"
+            )
         for key, official in values.items():
             assert key in ours, f"{path.name}: {key!r} is not a setting (choose from {sorted(ours)})"
             target = kept(spec, p.row, p.task, key)
             target = official if target is None else target
             if not same(ours[key], target):
-                problems.append(f"{p.row} | {p.task} | {key}: ours {ours[key]!r}, source {official!r} ({source})")
+                problems.append(
+                    f"{p.row} | {p.task} | {key}: ours {ours[key]!r}, source {official!r} ({source})"
+                )
     assert not problems, "\n".join(problems)
     assert seen, f"{path.name}: the preset has no runnable point"
 
@@ -81,3 +91,53 @@ def test_every_deviation_is_used_and_has_a_reason():
         spec = load(path)
         for d in spec.get("deviations") or []:
             assert d.get("reason") and "key" in d and "ours" in d and "official" in d, (path.name, d)
+
+
+def test_the_readmes_deviations_table_is_made_from_these_files():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "deviations.py"
+    r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_dry_run_prints_the_official_settings_without_loading_weights(capsys, monkeypatch):
+    """`peftbench train experiment=lora_glue --dry-run`: RoBERTa-large RTE LoRA as roberta_large_rte.sh and
+    DeBERTa-XXL MNLI LoRA as deberta_v2_xxlarge_mnli.sh (microsoft/LoRA@c4593f0), nothing loaded or run."""
+    from peftbench.cli import main
+
+    monkeypatch.setattr(
+        "peftbench.models.load_model", lambda *a, **k: pytest.fail("a dry run loaded a model")
+    )
+    monkeypatch.setattr("peftbench.run.execute", lambda *a, **k: pytest.fail("a dry run ran"))
+    for only, label in (("task=rte", "LoRA (large)"), ("task=mnli", "LoRA (XXL)")):
+        assert main(["train", "experiment=lora_glue", "--dry-run", f"only={only}"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        header = [c.strip() for c in lines[0].strip("|").split("|")]
+        row = next(
+            dict(zip(header, (c.strip() for c in ln.strip("|").split("|"))))
+            for ln in lines
+            if f"| {label} " in ln
+        )
+        if label == "LoRA (large)":
+            want = {
+                "lr": "0.0004",
+                "global_batch": "64",
+                "epochs": "20",
+                "max_length": "512",
+                "method.r": "8",
+            }
+            want.update({"method.alpha": "16", "method.dropout": "0.0", "model": "roberta-large"})
+        else:
+            want = {
+                "lr": "0.0001",
+                "global_batch": "64",
+                "epochs": "5",
+                "max_length": "256",
+                "weight_decay": "0.0",
+            }
+            want.update(
+                {"warmup": "1000 steps", "method.r": "16", "method.alpha": "32", "mixed_precision": "fp16"}
+            )
+        assert {k: row[k] for k in want} == want, row

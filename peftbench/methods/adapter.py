@@ -51,7 +51,7 @@ PLACEMENTS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
 NORM_TYPES = ("LayerNorm", "T5LayerNorm")
 # the adapters, and (Houlsby) the LayerNorms by each family's names for them
 CAN = Capabilities(tensors=(".adapter.", "LayerNorm", "layer_norm", "layernorm", "ln_"))
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU}
 # near_identity: W_down ~ N(0, init_std), W_up = 0 (the adapter is exactly the identity at init; ours);
 # truncated_normal: both weights ~ N(0, init_std) cut at 2 std (google-research/adapter-bert@1a31fc6e:modeling.py
 # L321-360, init_scale 1e-3); normal: both ~ N(0, init_std) (adapter-hub/adapters@88f18eb:

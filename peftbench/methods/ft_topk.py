@@ -15,7 +15,7 @@ from peftbench.models import Family
 from peftbench.schema import Bool, PositiveInt
 
 CAN = Capabilities(exportable=True, fsdp=True)  # its trained tensors are the model's own weights
-FIELDS = {"k": PositiveInt(doc="blocks from the top"), "train_embeddings": Bool(doc="the input embeddings too")}
+FIELDS = {"k": PositiveInt(doc="blocks from the top"), "train_lm_head": Bool(doc="the LM head too (tied to the input embeddings on GPT-2)")}
 
 
 def apply(model: torch.nn.Module, cfg: DictConfig, fam: Family) -> torch.nn.Module:
@@ -29,7 +29,8 @@ def apply(model: torch.nn.Module, cfg: DictConfig, fam: Family) -> torch.nn.Modu
             unfreeze(block)
     for path in fam.final_norms:
         unfreeze(model.get_submodule(path))
-    if cfg.get("train_embeddings", False):  # tied to the LM head on GPT-2 / T5 / BART: that trains too
-        model.get_input_embeddings().requires_grad_(True)
+    head = model.get_output_embeddings() if cfg.get("train_lm_head", False) else None
+    if head is not None:  # the LM head (prompt / generation formats); GPT-2's is tied to transformer.wte
+        head.requires_grad_(True)
     unfreeze_head(model, fam)
     return model

@@ -162,7 +162,7 @@ def settings(cfg: DictConfig) -> dict[str, Any]:
         "rank_length_norm": t.rank_length_norm if task.get("format") == "prompt" else None,
         "adafactor_scale_parameter": t.adafactor_scale_parameter if t.optimizer == "adafactor" else None,
     }
-    for key in ("r", "alpha", "dropout", "length", "mid_dim", "k", "bottleneck", "activation", "init", "init_std"):
+    for key in ("r", "alpha", "dropout", "length", "mid_dim", "k", "bottleneck", "activation", "init", "init_std", "vocab_draw"):
         if key in m:
             out[f"method.{key}"] = m[key]
     if task.kind == "generation":

@@ -39,7 +39,9 @@ NON_SEMANTIC_TRAIN_KEYS = {
 # Settings added after records existed, with the value that computes what those runs computed: left out of
 # the run id at that value, so every earlier record keeps its id (and is still skipped)
 ADDED_TRAIN_DEFAULTS = {"warmup_steps": None, "schedule": "linear", "decay_bias_and_norm": True}
-ADDED_METHOD_DEFAULTS = {"activation": "relu", "init": "near_identity", "init_std": 0.01, "train_lm_head": False}
+ADDED_METHOD_DEFAULTS = {"activation": "relu", "init": "near_identity", "init_std": 0.01, "train_lm_head": False,
+    "vocab_draw": "with_replacement",
+}
 
 
 def run_key(cfg: DictConfig) -> dict[str, Any]:

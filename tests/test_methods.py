@@ -364,3 +364,27 @@ def test_adapter_activation_and_init_follow_their_sources(compose, method, act, 
         assert w.abs().max().item() <= 2e-3  # cut at 2 x stddev, as TF's truncated_normal_initializer
     biases = torch.cat([torch.cat([a.down.bias, a.up.bias]) for a in adapters])
     assert torch.count_nonzero(biases) == 0
+
+
+def test_sampled_vocabulary_prompt_ids_are_drawn_without_replacement(compose):
+    """google-research/prompt-tuning prompts.py L199-209: the sampled-vocabulary slots are distinct ids of the
+    5,000 first; 600 slots drawn with replacement would repeat one with probability ~1 - e^-36."""
+    from peftbench.methods import apply_method
+    from peftbench.methods.prompt import PromptEncoder
+    from peftbench.models import family, load_model
+
+    cfg = compose(
+        "task=rte",
+        "model=tiny-bert",
+        "method=prompt_tuning",
+        "method.init=sampled_vocab",
+        "method.length=600",
+    )
+    torch.manual_seed(0)
+    base = load_model(cfg.model, "classification", 2)[0]
+    emb = base.get_input_embeddings().weight.detach()[:5000].clone()
+    model = apply_method(base, cfg.method, family(cfg.model))
+    (encoder,) = [m for m in model.modules() if isinstance(m, PromptEncoder)]
+    rows = encoder.embedding.detach()
+    ids = [int(torch.nonzero((emb == r).all(1))[0]) for r in rows]
+    assert len(set(ids)) == 600

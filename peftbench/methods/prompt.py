@@ -188,7 +188,8 @@ def init_prompt(encoder: PromptEncoder, model: nn.Module, cfg: DictConfig) -> No
     """Lester et al. Sec. 3.2 (Fig. 3b): random uniform [-0.5, 0.5]; sampled vocabulary (embeddings of
     tokens drawn from the 5,000 first ids: sentencepiece / BPE vocabularies put frequent tokens first, the
     paper draws from the 5,000 most common); class label (the embedding of each class's label word, averaged
-    over its subword tokens; slots beyond the classes get sampled vocabulary)."""
+    over its subword tokens; slots beyond the classes get sampled vocabulary). `method.vocab_draw`: the ids
+    drawn without replacement (the paper's code) or with it (this project's first runs)."""
     emb = model.base_model.get_input_embeddings()
     if cfg.init == "class_label" and not cfg.get("label_words"):
         raise UserError(
@@ -201,8 +202,11 @@ def init_prompt(encoder: PromptEncoder, model: nn.Module, cfg: DictConfig) -> No
         if cfg.init == "random_uniform":
             encoder.embedding.uniform_(-0.5, 0.5)
             return
-        vocab = emb.weight.shape[0]
-        ids = torch.randint(0, min(5000, vocab), (encoder.n,))
+        top = min(5000, emb.weight.shape[0])
+        if cfg.get("vocab_draw", "with_replacement") == "without_replacement" and encoder.n <= top:
+            ids = torch.randperm(top)[: encoder.n]  # google-research/prompt-tuning prompts.py L199-209
+        else:
+            ids = torch.randint(0, top, (encoder.n,))
         encoder.embedding.copy_(emb(ids))
         if cfg.init == "class_label":
             for i, ids in enumerate(label_token_ids(cfg)[: encoder.n]):

@@ -23,6 +23,7 @@ FIELDS = {
     "label_words": ListOf(Text(), null=True, doc="words whose embeddings init the first slots (class_label)"),
     "tokenizer": Map(doc="the model config (interpolated: ${model})"),
     "seed": SEED,
+    "vocab_draw": OneOf("without_replacement", "with_replacement", doc="sampled-vocabulary ids"),
 }
 
 

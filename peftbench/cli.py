@@ -92,21 +92,42 @@ def fail(e: BaseException) -> int:
 # --- verbs -----------------------------------------------------------------------------------------------
 
 
+# Hydra's own flags (a plain Hydra app's): those that only print (passed to Hydra as they are, nothing runs)
+# and those that move the config search path (the points are then checked inside each job, by Hydra's
+# composition of them: peftbench's checks before the first job read configs/ only)
+HYDRA_PRINTS = ("--cfg", "-c", "--info", "-i", "--hydra-help", "--shell-completion", "-sc", "--resolve")
+HYDRA_PATHS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "hydra.searchpath")
+
+
+def hydra_flag(args: list[str], flags: tuple[str, ...]) -> bool:
+    return any(a.split("=", 1)[0].lstrip("+") in flags for a in args)
+
+
 def cmd_train(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
-        print(
-            "usage: peftbench train [-m] [group=option ...] [key=value ...]\n"
-            f"groups: {', '.join(GROUPS)} (see `peftbench list`); e.g. peftbench train method=lora task=rte\n"
-            "sweep: peftbench train -m method=lora method.r=1,2,4,8 task=rte"
-        )
+        print(train_help())
         return 0
     presets = [a.split("=", 1)[1] for a in args if a.startswith("experiment=")]
     if presets:
         from peftbench.experiment import run_grid
 
         return run_grid(presets[0], [a for a in args if not a.startswith("experiment=")])
-    check_sweep(args)
+    if not hydra_flag(args, HYDRA_PRINTS + HYDRA_PATHS):
+        check_sweep(args)
     return run_hydra(args)
+
+
+def train_help() -> str:
+    groups = "\n".join(f"  {g:<11} {', '.join(group_options(g))}" for g in GROUPS)
+    return (
+        "usage: peftbench train [-m] [group=option ...] [key=value ...] [Hydra's flags]\n"
+        "  e.g. peftbench train method=lora task=rte; sweep: peftbench train -m method=lora method.r=1,2,4,8\n"
+        "  a preset: peftbench train experiment=NAME [only=row=...|task=...|seed=...] [--dry-run]\n"
+        f"config groups (peftbench list GROUP: one line each):\n{groups}\n"
+        "every key with its type and range: peftbench/schema.py; the composed config: peftbench train --cfg job\n"
+        "Hydra's flags as in any Hydra app: --cfg job|hydra|all, --info, --config-dir DIR, hydra.searchpath=[...],\n"
+        "  -sc install=bash, hydra/launcher=parallel|slurm, --hydra-help"
+    )
 
 
 def check_sweep(args: list[str]) -> None:
@@ -131,11 +152,14 @@ def run_hydra(args: list[str]) -> int:
     from peftbench.run import execute
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
-    def _app(cfg: DictConfig) -> None:
+    def _app(cfg: DictConfig) -> float | None:
+        """One job; its return value, the run's best main metric, is what a sweeper (Optuna) optimises."""
         try:
-            execute(cfg)
+            record = execute(cfg)
         except UserError as e:
             sys.exit(fail(e))
+        best = record.get("best") or {}
+        return (best.get("metrics") or {}).get(record.get("main_metric"))
 
     from hydra.core.global_hydra import GlobalHydra
 

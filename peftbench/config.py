@@ -97,7 +97,7 @@ def sweep_points(args: list[str]) -> Iterator[list[str]]:
     """Every point of the sweep, as Hydra's basic sweeper makes them (the product of the swept values), each
     with the fixed overrides: every combination is checked, not only every value."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import Glob
+    from hydra.core.override_parser.types import Glob, IntervalSweep
 
     plain = [a for a in args if not a.startswith("-") and not a.startswith("hydra")]
     try:
@@ -110,6 +110,8 @@ def sweep_points(args: list[str]) -> Iterator[list[str]]:
         key = o.get_key_element()
         if isinstance(o.value(), Glob):  # task=glob(raft_*): the group's options that match
             values = o.value().filter(group_options(key.lstrip("+~")))
+        elif isinstance(o.value(), IntervalSweep):  # a sweeper's range (Optuna): both its ends are checked
+            values = [o.value().start, o.value().end]
         else:
             values = list(o.sweep_string_iterator())
         axes.append([f"{key}={value}" for value in values])

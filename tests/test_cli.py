@@ -239,3 +239,71 @@ def test_an_unreachable_hub_without_hf_hub_offline_is_one_line_at_once(tmp_path)
     assert r.returncode == 2 and "the hub is unreachable: loading from the local cache only" in r.stdout
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot load 'FacebookAI/roberta-base'" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        (["--cfg", "job"], "method:\n  _target_: peftbench.methods.lora.apply"),
+        (["-c", "job", "model=tiny-bert"], "name: tiny-bert"),
+        (["--info"], "Hydra 1.3.8"),
+        (["-sc", "install=bash"], "hydra_bash_completion()"),
+    ],
+)
+def test_hydras_own_flags_behave_as_in_a_plain_hydra_app(tmp_path, flags, expected):
+    r = run_cli(
+        "train", *flags, env={"PEFTBENCH_RESULTS_DIR": str(tmp_path), "PEFTBENCH_LOG_DIR": str(tmp_path)}
+    )
+    assert r.returncode == 0 and expected in r.stdout, r.stderr[-2000:]
+    assert not list(tmp_path.rglob("*.json"))  # they print; nothing runs
+
+
+@pytest.mark.parametrize("how", ["--config-dir", "hydra.searchpath"])
+def test_a_users_own_model_yaml_through_hydras_search_path(tmp_path, how):
+    require_data()
+    mine = tmp_path / "conf" / "model"
+    mine.mkdir(parents=True)
+    tiny = (Path(__file__).resolve().parent.parent / "configs" / "model" / "tiny-bert.yaml").read_text()
+    (mine / "mine.yaml").write_text(tiny.replace("name: tiny-bert", "name: mine"))
+    where = (
+        ["--config-dir", str(tmp_path / "conf")]
+        if how == "--config-dir"
+        else [f"hydra.searchpath=[file://{tmp_path / 'conf'}]"]
+    )
+    env = {"PEFTBENCH_RESULTS_DIR": str(tmp_path / "results"), "PEFTBENCH_LOG_DIR": str(tmp_path / "logs")}
+    r = run_cli("train", *where, "model=mine", "task=rte", *QUICK, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (record,) = (tmp_path / "results" / "runs").glob("rte__mine__lora__*.json")
+    assert json.loads(record.read_text())["status"] == "finished"
+    bad = run_cli("train", *where, "model=mine", "task=rte", "train.lr=abc", env=env)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
+        "train.lr='abc': must be a positive number"
+    )
+
+
+def test_train_help_lists_every_config_group_and_its_options(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for group in ("method", "model", "task", "train", "experiment"):
+        assert f"\n  {group} " in out
+    assert "lora_glue" in out and "adapter_houlsby" in out and "--cfg job" in out
+
+
+def test_optuna_sweeps_the_runs_main_metric(tmp_path):
+    """The task function returns the run's best main metric: Hydra's Optuna sweeper (2 trials over LoRA's lr and
+    r on a tiny model) reports the best of the records as its best value. A range's two ends are checked
+    before any trial (a negative lr end is one line)."""
+    require_data()
+    env = {"PEFTBENCH_RESULTS_DIR": str(tmp_path / "results"), "PEFTBENCH_LOG_DIR": str(tmp_path / "logs")}
+    sweep = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.direction=maximize"]
+    sweep += ["hydra.sweeper.sampler.seed=0", "method.r=choice(2,8)", "model=tiny-bert", "task=rte"]
+    r = run_cli("train", *sweep, "train.lr=interval(1e-4,1e-2)", *QUICK, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import yaml
+
+    (result,) = (tmp_path / "logs").rglob("optimization_results.yaml")
+    best = yaml.safe_load(result.read_text())["best_value"]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "results" / "runs").glob("*.json")]
+    assert len(records) == 2 and best == max(rec["best"]["metrics"]["accuracy"] for rec in records)
+    bad = run_cli("train", *sweep, "train.lr=interval(-1,1e-2)", *QUICK, env=env)
+    assert bad.returncode == 2 and "train.lr=-1.0: must be a positive number" in bad.stderr

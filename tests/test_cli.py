@@ -148,9 +148,18 @@ def test_table_mean_std_median_and_failed_cells(tmp_path, capsys):
         )
         == 0
     )
-    assert "72.00 ± 5.29 (n=3)" in (tmp_path / "t.csv").read_text()
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "t.csv").read_text().splitlines()))
+    (lora,) = [r for r in rows if r["method"] == "lora"]  # numeric columns: value, std, n, note
+    col = next(k[: -len(" std")] for k in lora if k.endswith(" std") and lora[k])
+    assert (lora[col], lora[f"{col} std"], lora[f"{col} n"]) == ("72.00", "5.29", "3")
+    assert "failed" in {v for r in rows for v in r.values()}
+    capsys.readouterr()
     assert main(["table", "exp", "--results", str(tmp_path), "--format", "latex"]) == 0
-    assert "\\toprule" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "\\toprule" in out and "\\bottomrule" in out and "72.00 $\\pm$ 5.29" not in out
+    assert "74.00 $\\pm$ 5.29 (n=3)" in out and "±" not in out
 
 
 def test_list_names_every_group_with_descriptions(capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
@@ -213,11 +214,62 @@ def params_table(points: Iterable[tuple[str, str, Any]]) -> list[dict[str, str]]
     return rows
 
 
+# a table cell: "51.3 ± 2.5 (n=3) [paper 87.5, Δ -1.2]" (each part optional), or a word (missing, n/a: ...)
+CELL = re.compile(
+    r"^(?P<value>-?\d+(?:\.\d+)?)(?: ± (?P<std>\d+(?:\.\d+)?))?(?: \(n=(?P<n>\d+)\))?"
+    r"|^(?P<note>[^\[]*?)(?= \[|$)"
+)
+STAT = re.compile(r"^-?\d+(?:\.\d+)?(?: ± \d+(?:\.\d+)?)? \(n=\d+\)")
+PAPER = re.compile(r"\[paper (?P<paper>-?\d+(?:\.\d+)?)(?:, Δ (?P<delta>[+-]?\d+(?:\.\d+)?))?\]")
+
+
+def numeric_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """CSV for a spreadsheet or pandas: a column of statistic cells becomes numeric columns (the value, `std`,
+    `n`, `paper`, `delta`; `note` for a cell that is a word: missing, failed, n/a: reason)."""
+    stat_columns = {
+        k for r in rows for k, v in r.items() if isinstance(v, str) and (STAT.match(v) or "[paper " in v)
+    }
+    out = []
+    for r in rows:
+        new: dict[str, str] = {}
+        for k, v in r.items():
+            if k not in stat_columns:
+                new[k] = v
+                continue
+            m, p = CELL.match(str(v)), PAPER.search(str(v))
+            new[k] = (m and m.group("value")) or ""
+            new[f"{k} std"] = (m and m.group("std")) or ""
+            new[f"{k} n"] = (m and m.group("n")) or ("1" if m and m.group("value") else "")
+            new[f"{k} paper"] = (p and p.group("paper")) or ""
+            new[f"{k} delta"] = (p and p.group("delta")) or ""
+            new[f"{k} note"] = ((m and m.group("note")) or "").strip()
+        out.append(new)
+    return out
+
+
+def latex(text) -> str:
+    """A cell as LaTeX source: its special characters escaped, ± and Δ as math."""
+    out = str(text)
+    for char, escaped in (
+        ("\\", "\\textbackslash{}"),
+        ("&", "\\&"),
+        ("%", "\\%"),
+        ("#", "\\#"),
+        ("_", "\\_"),
+    ):
+        out = out.replace(char, escaped)
+    return out.replace("±", "$\\pm$").replace("Δ", "$\\Delta$")
+
+
 def render(rows: list[dict[str, str]], fmt: str = "md") -> str:
     if not rows:
         return ""
+    if fmt == "csv":
+        rows = numeric_rows(rows)
     headers = list(dict.fromkeys(k for r in rows for k in r))
     data = [[r.get(h, "") for h in headers] for r in rows]
+    if fmt == "latex":
+        headers, data = [latex(h) for h in headers], [[latex(c) for c in row] for row in data]
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
@@ -225,7 +277,14 @@ def render(rows: list[dict[str, str]], fmt: str = "md") -> str:
         writer.writerows(data)
         return buf.getvalue().rstrip("\n")
     if fmt == "latex":
-        return tabulate(data, headers=headers, tablefmt="latex_booktabs")
+        text = tabulate(data, headers=headers, tablefmt="latex_raw", disable_numparse=True)
+        for rule in (
+            "toprule",
+            "midrule",
+            "bottomrule",
+        ):  # booktabs rules (latex_booktabs would escape $\pm$)
+            text = text.replace("\\hline", f"\\{rule}", 1)
+        return text
     if fmt != "md":
         raise UserError(f"unknown format {fmt!r}; choose from: md, csv, latex")
     return tabulate(data, headers=headers, tablefmt="github", disable_numparse=True)

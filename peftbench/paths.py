@@ -9,7 +9,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def config_dir() -> Path:
-    return Path(os.environ.get("PEFTBENCH_CONFIG_DIR", REPO / "configs")).resolve()
+    """$PEFTBENCH_CONFIG_DIR, else the repository's configs/ (a checkout), else the copy inside the installed
+    package (a wheel / `pip install .`)."""
+    if os.environ.get("PEFTBENCH_CONFIG_DIR"):
+        return Path(os.environ["PEFTBENCH_CONFIG_DIR"]).resolve()
+    checkout = REPO / "configs"
+    if (checkout / "config.yaml").is_file() and (REPO / "pyproject.toml").is_file():
+        return checkout.resolve()
+    return (Path(__file__).resolve().parent / "configs").resolve()
 
 
 def data_dir() -> Path | None:

@@ -316,3 +316,86 @@ def test_optuna_sweeps_the_runs_main_metric(tmp_path):
     assert len(records) == 2 and best == max(rec["best"]["metrics"]["accuracy"] for rec in records)
     bad = run_cli("train", *sweep, "train.lr=interval(-1,1e-2)", *QUICK, env=env)
     assert bad.returncode == 2 and "train.lr=-1.0: must be a positive number" in bad.stderr
+
+
+def test_a_wheel_carries_the_configs_and_runs_outside_the_checkout(tmp_path):
+    """`pip install .` / a wheel (not -e) gives a working peftbench: the config tree is package data. The wheel
+    is built from this checkout and installed (without its dependencies, which this environment has) into a
+    folder that comes first on the path; the commands run from a folder outside the checkout."""
+    require_data()
+    import shutil
+
+    repo, src = Path(__file__).resolve().parent.parent, tmp_path / "src"  # built from a copy: no build/ here
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(repo / name, src / name)
+    for name in ("configs", "peftbench"):  # peftbench/configs stays a link to ../configs
+        shutil.copytree(repo / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "w"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = (tmp_path / "w").glob("peftbench-*.whl")
+    site = tmp_path / "site"
+    inst = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert inst.returncode == 0, inst.stderr[-2000:]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(site),
+        "PEFTBENCH_RESULTS_DIR": str(tmp_path / "r"),
+        "PEFTBENCH_LOG_DIR": str(tmp_path / "l"),
+    }
+    env.pop("PEFTBENCH_CONFIG_DIR", None)
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "peftbench.cli", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=600,
+        )
+
+    where = subprocess.run(
+        [sys.executable, "-c", "import peftbench.paths as p; print(p.__file__, p.config_dir())"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert where.stdout.split() == [
+        str(site / "peftbench" / "paths.py"),
+        str(site / "peftbench" / "configs"),
+    ], where
+    listed = run("list", "experiment")
+    assert listed.returncode == 0 and "lora_glue" in listed.stdout, listed.stderr[-2000:]
+    trained = run(
+        "train",
+        "model=tiny-bert",
+        "task=rte",
+        "train.max_steps=2",
+        "train.max_eval_samples=8",
+        "train.progress=false",
+    )
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert len(list((tmp_path / "r" / "runs").glob("*.json"))) == 1

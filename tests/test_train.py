@@ -49,6 +49,14 @@ def test_record_is_complete_and_rerun_skips(compose, capsys):
     ):
         assert key in on_disk, key
     assert on_disk["versions"]["transformers"] == "5.23.0" and on_disk["versions"]["peft"] == "0.21.2"
+    # provenance: the metric packages, Java, the GPU stack (None here), the data identity; no machine paths
+    assert on_disk["versions"]["sacrebleu"] == "2.6.0" and on_disk["versions"]["pycocoevalcap"] == "1.2"
+    assert {"java", "cuda", "cudnn", "driver"} <= set(on_disk["versions"])  # None where absent
+    assert on_disk["data"]["sources"] == {
+        "train": "$PEFTBENCH_DATA_DIR/glue/RTE/train.tsv",
+        "validation": "$PEFTBENCH_DATA_DIR/glue/RTE/dev.tsv",
+    }
+    assert on_disk["data_identity"]["glue/RTE"].startswith("3 files, ") and "model_revision" in on_disk
     assert on_disk["params"]["trainable_without_head"] == 2 * 2 * 2 * 32 * 8  # 2 layers x q,v x 2 d r
     assert on_disk["memory"]["peak_mib"] > 0 and on_disk["train"]["tokens_per_s"] > 0
     assert on_disk["adapter"]["format"] == "peft" and on_disk["adapter"]["bytes"] > 0

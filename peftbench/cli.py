@@ -109,9 +109,13 @@ def cmd_train(args: list[str]) -> int:
         return 0
     presets = [a.split("=", 1)[1] for a in args if a.startswith("experiment=")]
     if presets:
-        from peftbench.experiment import run_grid
+        from peftbench.experiment import launch_grid, run_grid
 
-        return run_grid(presets[0], [a for a in args if not a.startswith("experiment=")])
+        rest = [a for a in args if not a.startswith("experiment=")]
+        if any(a in ("-m", "--multirun") for a in rest) and "--dry-run" not in rest:  # one job per point
+            hydra_args = [a for a in rest if a.split("=", 1)[0].lstrip("+").startswith("hydra")]
+            return launch_grid(presets[0], [a for a in rest if a not in hydra_args], hydra_args)
+        return run_grid(presets[0], rest)
     if not hydra_flag(args, HYDRA_PRINTS + HYDRA_PATHS):
         check_sweep(args)
     return run_hydra(args)
@@ -155,6 +159,10 @@ def run_hydra(args: list[str]) -> int:
     def _app(cfg: DictConfig) -> float | None:
         """One job; its return value, the run's best main metric, is what a sweeper (Optuna) optimises."""
         try:
+            if cfg.get("grid"):  # a launched preset's job: its point of the grid
+                from peftbench.experiment import grid_point
+
+                cfg = grid_point(cfg.grid.preset, int(cfg.grid.point))
             record = execute(cfg)
         except UserError as e:
             sys.exit(fail(e))

@@ -8,6 +8,7 @@ the `row` label each run carries, so tables never parse folder or file names.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,14 +97,10 @@ def parse_only(only: str | None) -> dict[str, set[str]]:
 # --- running a preset's grid -------------------------------------------------------------------------------
 
 
-def run_grid(name: str, args: list[str]) -> int:
-    """The whole grid of a preset (or the `only=` slice), every point checked first, finished runs skipped.
-    A run that fails is recorded as failed and the grid goes on; the exit code says whether any failed."""
-    import sys
-
+def grid(name: str, args: list[str]) -> tuple[list[Point], list[DictConfig]]:
+    """The preset's points (the `only=` slice; `args`' other overrides apply to every point), one per run id,
+    each with its composed config, in a fixed order (a launcher's job i runs point i)."""
     from peftbench.config import compose
-    from peftbench.run import execute
-    from peftbench.validate import validate
 
     only = next((a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("only=")), None)
     extra = [
@@ -113,7 +110,47 @@ def run_grid(name: str, args: list[str]) -> int:
     if not points:
         raise UserError(f"experiment {name}: only={only!r} selects no run")
     configs = warm_started(load_preset(name), points, [compose(list(p.overrides)) for p in points], extra)
-    points, configs = unique_runs(points, configs)
+    return unique_runs(points, configs)
+
+
+GRID_ARGS = "PEFTBENCH_GRID_ARGS"  # a launched grid's overrides, for its jobs to rebuild the same points
+
+
+def launch_grid(name: str, args: list[str], hydra_args: list[str]) -> int:
+    """`peftbench train -m experiment=NAME [hydra/launcher=...]`: every point checked, then one Hydra job per
+    point (`+grid.point=i`), so a launcher runs them in parallel processes or as SLURM jobs."""
+    import json
+
+    from peftbench.cli import run_hydra
+    from peftbench.validate import validate
+
+    points, configs = grid(name, args)
+    for cfg in configs:
+        validate(cfg)
+    os.environ[GRID_ARGS] = json.dumps(args)  # the jobs inherit it (joblib's processes, SLURM's --export)
+    indices = ",".join(str(i) for i in range(len(points)))
+    return run_hydra(["-m", f"+grid.preset={name}", f"+grid.point={indices}", *hydra_args])
+
+
+def grid_point(name: str, i: int) -> DictConfig:
+    """Inside a launched job: the config of point i of the grid its launcher built."""
+    import json
+
+    points, configs = grid(name, json.loads(os.environ.get(GRID_ARGS, "[]")))
+    if not 0 <= i < len(configs):
+        raise UserError(f"grid.point={i}: experiment {name} has {len(configs)} points here")
+    return configs[i]
+
+
+def run_grid(name: str, args: list[str]) -> int:
+    """The whole grid of a preset (or the `only=` slice), every point checked first, finished runs skipped.
+    A run that fails is recorded as failed and the grid goes on; the exit code says whether any failed."""
+    import sys
+
+    from peftbench.run import execute
+    from peftbench.validate import validate
+
+    points, configs = grid(name, args)
     dry = "--dry-run" in args
     for cfg in configs:
         validate(cfg, here=not dry)  # a dry run prints a GPU preset's settings on any machine

@@ -185,6 +185,8 @@ TOP: dict[str, Field] = {
     "row": Text(null=True, doc="the preset table row of a run"),
     "seed": SEED,
     "paths": Map({"results": Text(), "logs": Text()}),
+    # a launched preset's job (peftbench train -m experiment=NAME): which point of which preset it runs
+    "grid": Map({"preset": Text(), "point": Int(0)}, added=True),
 }
 
 TRAIN: dict[str, Field] = {

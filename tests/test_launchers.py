@@ -59,3 +59,34 @@ def test_slurm_launcher_config_composes_with_its_defaults():
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 720)
+
+
+def test_a_preset_under_a_launcher_is_one_job_per_point(tmp_path):
+    """`peftbench train -m experiment=NAME hydra/launcher=parallel`: the grid's points (here 2 rows of
+    offline_minilm, on the tiny model) are checked, then run as one Hydra job each, in 2 processes; each writes
+    its own record with its row."""
+    require_data()
+    env = {
+        **os.environ,
+        "PEFTBENCH_RESULTS_DIR": str(tmp_path / "results"),
+        "PEFTBENCH_LOG_DIR": str(tmp_path / "logs"),
+        "PEFTBENCH_JOBS": "2",
+    }
+    cmd = [sys.executable, "-m", "peftbench.cli", "train", "-m", "experiment=offline_minilm"]
+    cmd += ["only=row=LoRA r=1|LoRA r=4,seed=1", "hydra/launcher=parallel", "model=tiny-bert"]
+    cmd += [
+        "train.max_steps=2",
+        "train.max_eval_samples=8",
+        "train.max_train_samples=16",
+        "train.num_threads=1",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Joblib.Parallel(n_jobs=2" in done.stdout + done.stderr
+    records = [json.loads(p.read_text()) for p in (tmp_path / "results" / "offline_minilm").glob("*.json")]
+    assert sorted((r["row"], r["config"]["method"]["r"]) for r in records) == [
+        ("LoRA r=1", 1),
+        ("LoRA r=4", 4),
+    ]
+    assert all(r["status"] == "finished" for r in records)
+    assert len(list((tmp_path / "logs" / "multiruns").glob("*/[01]"))) == 2  # two Hydra jobs

@@ -26,8 +26,8 @@ def keys() -> tuple[tuple[tuple[str, ...], str, Field], ...]:
 
     def add(context: tuple[str, ...], where: str, f: Field) -> None:
         out.setdefault(where, (context, where, f))
-        for sub, sf in (f.fields or {}).items():
-            add(context, f"{where}.{sub}", sf)
+        for sub, sf in (f.fields or {}).items():  # a key of a mapping no YAML sets is added too
+            add(context, f"{where}.{sub}", Field(**{**sf.__dict__, "added": sf.added or f.added}))
 
     for key, f in TOP.items():
         add((), key, f)
@@ -55,7 +55,9 @@ def test_every_key_of_every_option_is_declared_and_its_value_fits():
     for group in ("method", "model", "task"):
         for option in group_options(group):
             seen |= set(check_values(compose([f"{group}={option}"])).keys)
-    declared = {k for k in TOP} | {f"{g}.{k}" for g, f in GROUP_FIELDS.items() for k in f if not f[k].added}
+    declared = {k for k, f in TOP.items() if not f.added} | {
+        f"{g}.{k}" for g, f in GROUP_FIELDS.items() for k in f if not f[k].added
+    }
     declared |= {where for _, where, _ in keys() if where.startswith("method.")}
     assert declared - seen == set(), "declared but in no option"
     # every key, nested ones too, gets values of another type; the ranged ones out-of-range values too

@@ -104,7 +104,9 @@ def grid(name: str, args: list[str]) -> tuple[list[Point], list[DictConfig]]:
 
     only = next((a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("only=")), None)
     extra = [
-        a for a in args if not a.lstrip("+").startswith("only=") and a not in ("-m", "--multirun", "--dry-run")
+        a
+        for a in args
+        if not a.lstrip("+").startswith("only=") and a not in ("-m", "--multirun", "--dry-run")
     ]
     points = expand(load_preset(name), extra, only)
     if not points:
@@ -113,33 +115,45 @@ def grid(name: str, args: list[str]) -> tuple[list[Point], list[DictConfig]]:
     return unique_runs(points, configs)
 
 
-GRID_ARGS = "PEFTBENCH_GRID_ARGS"  # a launched grid's overrides, for its jobs to rebuild the same points
+GRID_FILE = "PEFTBENCH_GRID_FILE"  # a launched grid's composed points, for its jobs to read theirs from
 
 
 def launch_grid(name: str, args: list[str], hydra_args: list[str]) -> int:
     """`peftbench train -m experiment=NAME [hydra/launcher=...]`: every point checked, then one Hydra job per
-    point (`+grid.point=i`), so a launcher runs them in parallel processes or as SLURM jobs."""
+    point (`+grid.point=i`), so a launcher runs them in parallel processes or as SLURM jobs. The composed
+    points go to one JSON file under paths.logs that every job reads (no job composes the grid again)."""
     import json
+    import time
+    from pathlib import Path
 
     from peftbench.cli import run_hydra
+    from peftbench.record import write_atomic
     from peftbench.validate import validate
 
     points, configs = grid(name, args)
     for cfg in configs:
         validate(cfg)
-    os.environ[GRID_ARGS] = json.dumps(args)  # the jobs inherit it (joblib's processes, SLURM's --export)
+    path = (
+        Path(configs[0].paths.logs) / "grids" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+    )
+    write_atomic(path, json.dumps([OmegaConf.to_container(c, resolve=True) for c in configs]))
+    os.environ[GRID_FILE] = str(path.resolve())  # the jobs inherit it (joblib's processes, SLURM's --export)
     indices = ",".join(str(i) for i in range(len(points)))
     return run_hydra(["-m", f"+grid.preset={name}", f"+grid.point={indices}", *hydra_args])
 
 
 def grid_point(name: str, i: int) -> DictConfig:
-    """Inside a launched job: the config of point i of the grid its launcher built."""
+    """Inside a launched job: the config of point i of the grid its launcher wrote."""
     import json
+    from pathlib import Path
 
-    points, configs = grid(name, json.loads(os.environ.get(GRID_ARGS, "[]")))
+    where = os.environ.get(GRID_FILE)
+    if not where or not Path(where).is_file():
+        raise UserError(f"grid.point={i}: no grid file of experiment {name} (${GRID_FILE}={where!r})")
+    configs = json.loads(Path(where).read_text())
     if not 0 <= i < len(configs):
-        raise UserError(f"grid.point={i}: experiment {name} has {len(configs)} points here")
-    return configs[i]
+        raise UserError(f"grid.point={i}: experiment {name}'s grid has {len(configs)} points")
+    return OmegaConf.create(configs[i])
 
 
 def run_grid(name: str, args: list[str]) -> int:
@@ -195,11 +209,25 @@ def settings(cfg: DictConfig) -> dict[str, Any]:
         "max_grad_norm": t.max_grad_norm,
         "mixed_precision": t.mixed_precision,
         "group_by_length": t.group_by_length,
-        "loss": f"lm {t.loss.lm:g}, ul {t.loss.ul:g}, ln {t.loss.ln:g}" if task.get("format") == "prompt" else None,
+        "loss": f"lm {t.loss.lm:g}, ul {t.loss.ul:g}, ln {t.loss.ln:g}"
+        if task.get("format") == "prompt"
+        else None,
         "rank_length_norm": t.rank_length_norm if task.get("format") == "prompt" else None,
         "adafactor_scale_parameter": t.adafactor_scale_parameter if t.optimizer == "adafactor" else None,
     }
-    for key in ("r", "alpha", "dropout", "length", "mid_dim", "k", "bottleneck", "activation", "init", "init_std", "vocab_draw"):
+    for key in (
+        "r",
+        "alpha",
+        "dropout",
+        "length",
+        "mid_dim",
+        "k",
+        "bottleneck",
+        "activation",
+        "init",
+        "init_std",
+        "vocab_draw",
+    ):
         if key in m:
             out[f"method.{key}"] = m[key]
     if task.kind == "generation":

@@ -139,18 +139,21 @@ def check_out_file(path: Path | str, flag: str) -> Path:
     if path.is_dir():
         raise UserError(f"{flag}={str(path)!r} is a folder; give a file path, e.g. {path / 'table.md'}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.NamedTemporaryFile(dir=path.parent, prefix=".probe.", delete=True).close()
+        probe_folder(path.parent)
     except OSError as e:
         raise UserError(f"{flag}={str(path)!r}: cannot write there ({e.strerror or e})") from None
     return path
 
 
+def probe_folder(folder: Path) -> None:
+    """Make the folder and a file in it (removed at once): OSError if it cannot be written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tempfile.NamedTemporaryFile(dir=folder, prefix=".probe.", delete=True).close()
+
+
 def check_writable(folder: Path, what: str = "results folder", fix: str = "set paths.results=DIR") -> None:
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".probe.", delete=True)
-        probe.close()
+        probe_folder(folder)
     except OSError as e:  # a file in the way, no permission, a read-only file system
         raise UserError(
             f"{what} {str(folder)!r} is not writable ({e.strerror or e}); {fix}"

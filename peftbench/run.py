@@ -26,7 +26,7 @@ from peftbench.lock import RunLock, describe, try_lock
 from peftbench.loop import Diverged, on_cpu, train_and_evaluate
 from peftbench.record import check_writable, read_record, run_id, save_record
 from peftbench.tasks import data_identity
-from peftbench.validate import validate
+from peftbench.validate import check_processes, validate
 
 
 def execute(cfg: DictConfig) -> dict[str, Any]:
@@ -60,13 +60,7 @@ def execute_data_parallel(cfg: DictConfig, state: PartialState, rid: str, path: 
     """Data parallel over the launched processes: the main process decides (finished, held by another
     process, or to run), takes the lock and writes the record; every process trains on its share of each
     batch and evaluates its share of the rows (gathered in order for the metrics)."""
-    n = state.num_processes
-    for key in ("batch_size", "eval_batch_size"):
-        if int(cfg.train[key]) % n:
-            raise UserError(
-                f"train.{key}={cfg.train[key]} with {n} processes: each batch is split over the processes, "
-                f"so it must be a multiple of {n}"
-            )
+    check_processes(cfg.train, state.num_processes)  # validate() checked WORLD_SIZE; this is what launched
     lock, plan = None, ["run"]
     if state.is_main_process:
         if not cfg.train.force and finished(path, cfg):

@@ -35,9 +35,9 @@ def validate(cfg: DictConfig, here: bool = True) -> None:
     check_positions(cfg, model.config)
 
 
-def check_processes(t: DictConfig) -> None:
-    """Under torchrun / accelerate launch every batch is split over the processes (WORLD_SIZE of them)."""
-    n = int(os.environ.get("WORLD_SIZE", "1") or 1)
+def check_processes(t: DictConfig, n: int | None = None) -> None:
+    """Under torchrun / accelerate launch every batch is split over the processes (n, else WORLD_SIZE)."""
+    n = n if n is not None else int(os.environ.get("WORLD_SIZE", "1") or 1)
     for key in ("batch_size", "eval_batch_size"):
         if n > 1 and int(t[key]) % n:
             raise UserError(
@@ -59,7 +59,8 @@ def positions(config) -> int | None:
 def check_positions(cfg: DictConfig, config) -> None:
     """task.max_length, plus the soft prompt a method prepends, fits the model's position embeddings."""
     limit = positions(config)
-    added = added(cfg) if (added := hook(cfg.method, "input_positions")) else 0
+    prompt_positions = hook(cfg.method, "input_positions")
+    added = prompt_positions(cfg) if prompt_positions else 0
     if limit is not None and cfg.task.max_length + added > limit:
         extra = f" + method.length={added}" if added else ""
         raise UserError(

@@ -359,28 +359,20 @@ def test_a_wheel_carries_the_configs_and_runs_outside_the_checkout(tmp_path):
     )
     assert inst.returncode == 0, inst.stderr[-2000:]
     env = {
-        **os.environ,
         "PYTHONPATH": str(site),
         "PEFTBENCH_RESULTS_DIR": str(tmp_path / "r"),
         "PEFTBENCH_LOG_DIR": str(tmp_path / "l"),
+        "PEFTBENCH_CONFIG_DIR": "",  # unset: the installed package's own configs
     }
-    env.pop("PEFTBENCH_CONFIG_DIR", None)
 
     def run(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "peftbench.cli", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-            timeout=600,
-        )
+        return run_cli(*args, env=env, cwd=tmp_path)
 
     where = subprocess.run(
         [sys.executable, "-c", "import peftbench.paths as p; print(p.__file__, p.config_dir())"],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, **env},
         cwd=tmp_path,
     )
     assert where.stdout.split() == [

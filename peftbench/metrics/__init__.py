@@ -36,9 +36,12 @@ def f1(preds: Sequence, refs: Sequence, groups: Sequence | None = None) -> float
 
 
 def macro_f1(preds: Sequence, refs: Sequence, groups: Sequence | None = None) -> float:
-    """Unweighted mean of per-class F1 over the classes present in the references (CB)."""
-    labels = sorted(set(refs))
-    return 100.0 * float(f1_score(refs, preds, labels=labels, average="macro", zero_division=0))
+    """Unweighted mean of per-class F1 over every class in the references OR the predictions (CB, RAFT):
+    huggingface datasets / evaluate `super_glue.py` (cb: sklearn f1_score average="macro", default labels).
+    A class predicted but never true counts, with F1 0 (averaging over the references' classes only would
+    drop it and inflate the score). jiant's CB and RAFT's scorer average over the task's whole label set,
+    which gives the same number unless a class is in neither the references nor the predictions."""
+    return 100.0 * float(f1_score(refs, preds, average="macro", zero_division=0))
 
 
 def mcc(preds: Sequence, refs: Sequence, groups: Sequence | None = None) -> float:

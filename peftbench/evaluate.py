@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from peftbench import metrics as M
 from peftbench.checkpoint import Progress
 from peftbench.errors import disk_full_is_user_error
+from peftbench.log import log
 from peftbench.parallel import reshard
 from peftbench.record import write_atomic
 from peftbench.setup import Setup
@@ -37,10 +38,7 @@ def track(
     """Log an evaluation into the progress; True if it is the best so far (the caller keeps its weights)."""
     result.update(step=p.step, epoch=round(p.step / steps_per_epoch, 3))
     p.evals.append(result)
-    print(
-        f"[peftbench] step {p.step}/{total_steps} "
-        + " ".join(f"{k}={v:.2f}" for k, v in result["metrics"].items())
-    )
+    log.info(f"step {p.step}/{total_steps} " + " ".join(f"{k}={v:.2f}" for k, v in result["metrics"].items()))
     main = cfg.task.main_metric
     value, best = result["metrics"][main], p.best["metrics"][main] if p.best else None
     if best is None or (value > best if M.higher_is_better(main) else value < best):
@@ -63,7 +61,7 @@ def evaluate_transfer(model: torch.nn.Module, s: Setup, acc: Accelerator, record
         result = evaluate(model, loader, s, rows, f"transfer_{name}")
         result.update(n_eval=len(rows), eval_s=round(time.perf_counter() - t0, 3))
         record["transfer"][name] = result
-        print(f"[peftbench] {name}: " + " ".join(f"{k}={v:.2f}" for k, v in result["metrics"].items()))
+        log.info(f"{name}: " + " ".join(f"{k}={v:.2f}" for k, v in result["metrics"].items()))
         if record.get("best"):
             record["best"]["metrics"].update({f"{k}_{name}": v for k, v in result["metrics"].items()})
 

@@ -9,12 +9,16 @@ the `row` label each run carries, so tables never parse folder or file names.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from peftbench.errors import UserError, choice_error
+from peftbench.log import bar, log
+from peftbench.log import setup as setup_log
 from peftbench.paths import config_dir, group_options
 
 FILTER_KEYS = ("row", "task", "seed", "model", "method")
@@ -124,7 +128,6 @@ def launch_grid(name: str, args: list[str], hydra_args: list[str]) -> int:
     points go to one JSON file under paths.logs that every job reads (no job composes the grid again)."""
     import json
     import time
-    from pathlib import Path
 
     from peftbench.cli import run_hydra
     from peftbench.record import write_atomic
@@ -145,7 +148,6 @@ def launch_grid(name: str, args: list[str], hydra_args: list[str]) -> int:
 def grid_point(name: str, i: int) -> DictConfig:
     """Inside a launched job: the config of point i of the grid its launcher wrote."""
     import json
-    from pathlib import Path
 
     where = os.environ.get(GRID_FILE)
     if not where or not Path(where).is_file():
@@ -173,9 +175,14 @@ def run_grid(name: str, args: list[str]) -> int:
 
         print(render(settings_table(points, configs), "md"))
         return 0
+    log_path = (
+        Path(configs[0].paths.logs) / "experiments" / name / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}.log"
+    )
+    setup_log(log_path)  # the grid's log file, as Hydra keeps a job's
+    log.info(f"experiment {name}: {len(points)} runs; log {log_path}")
     failed = []
-    for i, (point, cfg) in enumerate(zip(points, configs), start=1):
-        print(f"[peftbench] {name} {i}/{len(points)}: {point.row} | {point.task} | seed {point.seed}")
+    for i, (point, cfg) in enumerate(bar(list(zip(points, configs)), desc=name, unit="run"), start=1):
+        log.info(f"{name} {i}/{len(points)}: {point.row} | {point.task} | seed {point.seed}")
         try:
             execute(cfg)
         except UserError as e:
@@ -272,8 +279,6 @@ def warm_started(
 ) -> list[DictConfig]:
     """Rows with `warm_start: {from: mnli, tasks: [...]}` start those tasks' LoRA from the same row and seed's
     `from` run: its adapter folder (results/<name>/<run id>/adapter) becomes method.init_from."""
-    from pathlib import Path
-
     from peftbench.config import compose
     from peftbench.record import run_id
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from peftbench.errors import disk_full_is_user_error
+from peftbench.log import log
 
 HEARTBEAT_S = 10.0
 UNWRITTEN_S = 5.0  # a lock its writer creates and fills at once: still empty after this, it never will be
@@ -127,7 +128,7 @@ def take_over_if_stale(path: Path, stale_after_s: float) -> bool:
         if why is None:
             return False
         path.unlink(missing_ok=True)
-        print(f"[peftbench] took over stale lock {path} ({why})")
+        log.info(f"took over stale lock {path} ({why})")
         return True
     finally:
         guard.unlink(missing_ok=True)

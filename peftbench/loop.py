@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from peftbench.checkpoint import Checkpointer, Progress, set_rng_states
 from peftbench.cost import add_training
@@ -22,10 +21,12 @@ from peftbench.errors import UserError
 from peftbench.evaluate import evaluate, evaluate_transfer, predict_test, track
 from peftbench.export import export_model, save_adapter
 from peftbench.faults import kill_point
+from peftbench.log import bar as progress_bar
+from peftbench.log import flat, lines_above_bars, log, tracker_names, trackers
 from peftbench.methods import finish, hook
 from peftbench.optim import default_optimizer, schedule
 from peftbench.parallel import full_model_state, load_state, shard, sharded, trainable_state
-from peftbench.record import save_record
+from peftbench.record import save_record, write_atomic
 from peftbench.setup import Setup, prepare
 
 
@@ -35,26 +36,38 @@ def on_cpu(t: DictConfig) -> bool:
 
 def train_and_evaluate(cfg: DictConfig, record: dict[str, Any], artifacts: Path, record_path: Path) -> None:
     s = prepare(cfg, record, artifacts)
-    acc = accelerator(cfg.train, s, record)
-    params = [p for p in s.model.parameters() if p.requires_grad]
-    if not params or cfg.train.max_steps == 0:  # nothing trains (ICL), or a baseline of the model as loaded
-        return evaluate_only(cfg, record, s, acc)
-    r = Training.start(cfg, s, acc, params, artifacts, record)
+    acc = accelerator(cfg, s, record)
     try:
-        train(r, record, record_path)
-    except Diverged:  # the record keeps what came before: the finite losses, the evaluations
-        r.p.losses.pop()  # non-finite: the error says it (JSON has no NaN)
+        params = [p for p in s.model.parameters() if p.requires_grad]
+        # nothing trains (ICL), or a baseline of the model as loaded
+        if not params or cfg.train.max_steps == 0:
+            return evaluate_only(cfg, record, s, acc)
+        r = Training.start(cfg, s, acc, params, artifacts, record)
+        try:
+            train(r, record, record_path)
+        except Diverged:  # the record keeps what came before: the finite losses, the evaluations
+            r.p.losses.pop()  # non-finite: the error says it (JSON has no NaN)
+            finish_record(cfg, record, acc, r.p, r.steps_per_epoch)
+            raise
         finish_record(cfg, record, acc, r.p, r.steps_per_epoch)
-        raise
-    finish_record(cfg, record, acc, r.p, r.steps_per_epoch)
+        after_training_with_best(cfg, record, s, acc, r, artifacts)
+    finally:
+        acc.end_training()  # the trackers' files closed (TensorBoard flushes its events)
+
+
+def after_training_with_best(cfg, record: dict, s: Setup, acc: Accelerator, r: Training, artifacts: Path):
+    """The checkpoint's figures, the best weights back in the model, then what follows training."""
     record["checkpoint"].update(saved=r.ckpt.saved, bytes=r.ckpt.bytes)  # bytes: the last checkpoint's size
     model = acc.unwrap_model(r.model)
     load_state(model, r.best_state)
     after_training(cfg, record, s, acc, model, r.eval_loader, artifacts)
 
 
-def accelerator(t: DictConfig, s: Setup, record: dict[str, Any]) -> Accelerator:
+def accelerator(cfg: DictConfig, s: Setup, record: dict[str, Any]) -> Accelerator:
+    t = cfg.train
+    log_with, tracker_kwargs = trackers(cfg, record["run_id"])
     acc = Accelerator(
+        log_with=log_with or None,
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.grad_accum,
         cpu=on_cpu(t),
@@ -66,6 +79,9 @@ def accelerator(t: DictConfig, s: Setup, record: dict[str, Any]) -> Accelerator:
     record["device"] = device_info(acc.device)
     record["device"].update(processes=acc.num_processes, distributed=str(acc.distributed_type.value))
     record["determinism"] = determinism(acc.device)
+    if log_with:  # train.report_to: the run's config as hyperparameters, then losses and evaluations by step
+        acc.init_trackers(f"peftbench-{cfg.name}", config=flat(record["config"]), init_kwargs=tracker_kwargs)
+        record["trackers"] = tracker_names(t.report_to)
     if t.fsdp:  # sharded over the processes (parallel.py); accelerate then prepares all but the model
         if acc.num_processes < 2:
             raise UserError(
@@ -133,9 +149,7 @@ class Training:
         if r.resume:
             r.p, r.best_state = r.resume.progress, r.resume.best
             record["checkpoint"]["resumed_from_step"] = r.p.step
-            print(
-                f"[peftbench] resume from step {r.p.step} (epoch {r.p.epoch}, batch {r.p.batch}): {r.resume.path}"
-            )
+            log.info(f"resume from step {r.p.step} (epoch {r.p.epoch}, batch {r.p.batch}): {r.resume.path}")
         if on_start := hook(cfg.method, "on_train_start"):
             on_start(acc.unwrap_model(model), total_steps, cfg.method)
         return r
@@ -144,11 +158,15 @@ class Training:
 def train(r: Training, record: dict[str, Any], record_path: Path | None) -> None:
     """Epochs of batches until total_steps optimizer steps; evaluations every eval_every steps and at the
     end; checkpoints when due. A resumed run replays the data order of its epoch and skips what it did."""
-    t, p = r.cfg.train, r.p
     reset_peak_memory(r.acc.device)
-    bar = tqdm(
-        total=r.total_steps, initial=p.step, desc=record["run_id"][:40], disable=not t.progress, leave=False
-    )
+    with lines_above_bars():
+        bar = progress_bar(total=r.total_steps, initial=r.p.step, desc=record["run_id"][:40], unit="step")
+        train_steps(r, record, record_path, bar)
+        bar.close()
+
+
+def train_steps(r: Training, record: dict[str, Any], record_path: Path | None, bar) -> None:
+    t, p = r.cfg.train, r.p
     t_prev = time.perf_counter()  # train time counts data loading + step, not evaluation
     while p.step < r.total_steps:
         epoch_start = r.s.generator.get_state()  # the data order of this epoch follows from it
@@ -164,8 +182,15 @@ def train(r: Training, record: dict[str, Any], record_path: Path | None) -> None
                 continue
             p.train_s += time.perf_counter() - t_prev
             bar.update(1)
-            if p.step % t.log_every == 0:
-                bar.set_postfix(loss=f"{np.mean(p.losses[-t.log_every :]):.4f}")
+            lr = r.sched.get_last_lr()[0]
+            r.acc.log({"train/loss": p.losses[-1], "train/lr": lr}, step=p.step)
+            if p.step % t.log_every == 0 or p.step == r.total_steps:
+                loss = float(np.mean(p.losses[-t.log_every :]))
+                bar.set_postfix(loss=f"{loss:.4f}")
+                log.info(
+                    f"step {p.step}/{r.total_steps} epoch {p.step / r.steps_per_epoch:.2f} loss {loss:.4f} "
+                    f"lr {lr:.3g} {p.train_s / p.step:.3f} s/step"
+                )
             kill_point("step", p.step)
             if p.step % r.eval_every == 0 or p.step == r.total_steps:
                 evaluate_now(r)
@@ -176,7 +201,6 @@ def train(r: Training, record: dict[str, Any], record_path: Path | None) -> None
             t_prev = time.perf_counter()
         else:
             p.epoch, p.batch = p.epoch + 1, 0
-    bar.close()
 
 
 def step(r: Training, batch: dict[str, torch.Tensor]) -> bool:
@@ -214,10 +238,20 @@ class Diverged(Exception):
 
 def evaluate_now(r: Training) -> None:
     t1 = time.perf_counter()
-    if track(r.p, evaluate(r.model, r.eval_loader, r.s), r.cfg, r.total_steps, r.steps_per_epoch):
+    result = evaluate(r.model, r.eval_loader, r.s)
+    if track(r.p, result, r.cfg, r.total_steps, r.steps_per_epoch):
         r.best_state = trainable_state(r.acc.unwrap_model(r.model))
+    log_eval(r.acc, result, r.p.step)
     r.p.eval_s += time.perf_counter() - t1
     r.model.train()
+
+
+def log_eval(acc: Accelerator, result: dict[str, Any], step: int) -> None:
+    """An evaluation's metrics (and loss) to the trackers, at its optimizer step."""
+    values = {f"eval/{k}": v for k, v in result["metrics"].items()}
+    if result.get("loss") is not None:
+        values["eval/loss"] = result["loss"]
+    acc.log(values, step=step)
 
 
 def checkpoint_now(r: Training, record: dict, record_path: Path | None, epoch_start: torch.Tensor) -> None:
@@ -257,7 +291,9 @@ def evaluate_only(cfg: DictConfig, record: dict[str, Any], s: Setup, acc: Accele
     if before := hook(cfg.method, "before_evaluate_only"):
         before(model, s.fmt, cfg, s.task, acc.device, record)
     p = Progress()
-    track(p, evaluate(model, eval_loader, s), cfg, 0, 1)
+    result = evaluate(model, eval_loader, s)
+    track(p, result, cfg, 0, 1)
+    log_eval(acc, result, 0)
     p.eval_s = time.perf_counter() - t0
     finish_record(cfg, record, acc, p, 1)
     transfer_and_test(model, s, acc, record)
@@ -269,6 +305,19 @@ def transfer_and_test(model, s: Setup, acc: Accelerator, record: dict[str, Any])
     evaluate_transfer(model, s, acc, record)
     if s.test_loader is not None:
         record["test_predictions"] = predict_test(model, acc.prepare(s.test_loader), s)
+    keep_predictions(record, s)
+
+
+def keep_predictions(record: dict[str, Any], s: Setup) -> None:
+    """The per-example predictions of the evaluation the record reports (merged, else best) as
+    <run>/predictions.jsonl, beside the record."""
+    reported = record.get("final") or record.get("best") or {}
+    source = reported.get("predictions")
+    if not (s.main and s.artifacts is not None and source and str(source).endswith(".jsonl")):
+        return
+    path = s.artifacts / "predictions.jsonl"
+    write_atomic(path, Path(source).read_bytes())
+    record["predictions"] = str(path)
 
 
 def finish_record(cfg: DictConfig, record: dict, acc: Accelerator, p: Progress, steps_per_epoch: int) -> None:

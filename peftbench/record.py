@@ -29,6 +29,7 @@ NON_SEMANTIC_TRAIN_KEYS = {
     "checkpoint_every",  # a resumed run ends bit-identical to an uninterrupted one
     "lock_wait_s",
     "lock_stale_s",
+    "report_to",  # where the run's curves are also sent
     "share_context",  # the same scores computed with one context pass for all choices (tested equal)
     "gradient_checkpointing",  # the same activations, recomputed (tested equal)
     "compile",  # the same computation, fused: equal up to float rounding (tested)
@@ -39,7 +40,11 @@ NON_SEMANTIC_TRAIN_KEYS = {
 # Settings added after records existed, with the value that computes what those runs computed: left out of
 # the run id at that value, so every earlier record keeps its id (and is still skipped)
 ADDED_TRAIN_DEFAULTS = {"warmup_steps": None, "schedule": "linear", "decay_bias_and_norm": True}
-ADDED_METHOD_DEFAULTS = {"activation": "relu", "init": "near_identity", "init_std": 0.01, "train_lm_head": False,
+ADDED_METHOD_DEFAULTS = {
+    "activation": "relu",
+    "init": "near_identity",
+    "init_std": 0.01,
+    "train_lm_head": False,
     "vocab_draw": "with_replacement",
 }
 
@@ -49,7 +54,8 @@ def run_key(cfg: DictConfig) -> dict[str, Any]:
     train = {
         k: v
         for k, v in c["train"].items()
-        if k not in NON_SEMANTIC_TRAIN_KEYS and not (k in ADDED_TRAIN_DEFAULTS and ADDED_TRAIN_DEFAULTS[k] == v)
+        if k not in NON_SEMANTIC_TRAIN_KEYS
+        and not (k in ADDED_TRAIN_DEFAULTS and ADDED_TRAIN_DEFAULTS[k] == v)
     }
     method = {
         k: v
@@ -155,9 +161,7 @@ def check_writable(folder: Path, what: str = "results folder", fix: str = "set p
     try:
         probe_folder(folder)
     except OSError as e:  # a file in the way, no permission, a read-only file system
-        raise UserError(
-            f"{what} {str(folder)!r} is not writable ({e.strerror or e}); {fix}"
-        ) from None
+        raise UserError(f"{what} {str(folder)!r} is not writable ({e.strerror or e}); {fix}") from None
 
 
 def save_record(path: Path | None, record: dict[str, Any]) -> None:

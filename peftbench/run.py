@@ -23,6 +23,7 @@ from peftbench import checkpoint
 from peftbench.env import git_sha, versions
 from peftbench.errors import UserError
 from peftbench.lock import RunLock, describe, try_lock
+from peftbench.log import BARS, log, log_file
 from peftbench.loop import Diverged, on_cpu, train_and_evaluate
 from peftbench.record import check_writable, read_record, run_id, save_record
 from peftbench.tasks import data_identity
@@ -33,6 +34,7 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     """Run one config to one record. A finished run is skipped (unless train.force); a run that another
     process holds (its lock) is skipped or waited for; an interrupted run resumes from its last checkpoint."""
     validate(cfg)
+    BARS["on"] = bool(cfg.train.progress)
     out_dir = Path(cfg.paths.results) / cfg.name
     rid = run_id(cfg)
     path = out_dir / f"{rid}.json"
@@ -45,7 +47,7 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     lock_path = out_dir / f"{rid}.lock"
     lock = acquire_lock(lock_path, cfg.train)
     if lock is None:
-        print(f"[peftbench] skip {rid}: running in {describe(lock_path)} (lock {lock_path})")
+        log.info(f"skip {rid}: running in {describe(lock_path)} (lock {lock_path})")
         return read_record(path) if path.exists() else {"run_id": rid, "status": "running"}
     try:
         if not cfg.train.force and (done := finished(path, cfg)):  # it finished while we waited for the lock
@@ -70,7 +72,7 @@ def execute_data_parallel(cfg: DictConfig, state: PartialState, rid: str, path: 
             lock_path = path.with_suffix(".lock")
             lock = acquire_lock(lock_path, cfg.train)
             if lock is None:
-                print(f"[peftbench] skip {rid}: running in {describe(lock_path)} (lock {lock_path})")
+                log.info(f"skip {rid}: running in {describe(lock_path)} (lock {lock_path})")
                 plan = ["busy"]
     broadcast_object_list(plan)
     try:
@@ -103,12 +105,12 @@ def finished(path: Path, cfg: DictConfig) -> dict[str, Any] | None:
     now, then = data_identity(cfg.task), old.get("data_identity")
     if then is not None and then != now:  # records written before data identities were kept: no check
         changed = sorted(k for k in {*now, *then} if now.get(k) != then.get(k))
-        print(
-            f"[peftbench] rerun {old['run_id']}: its data changed since its {old['status']} record ({changed[0]}: "
+        log.info(
+            f"rerun {old['run_id']}: its data changed since its {old['status']} record ({changed[0]}: "
             f"{then.get(changed[0])} -> {now.get(changed[0])}); the old record stays until this run finishes"
         )
         return None
-    print(f"[peftbench] skip {old['run_id']}: {old['status']} record {path}")
+    log.info(f"skip {old['run_id']}: {old['status']} record {path}")
     return old
 
 
@@ -148,6 +150,7 @@ def run_locked(cfg: DictConfig, rid: str, path: Path) -> dict[str, Any]:
     path, artifacts = where_to_work(cfg, path, final_artifacts, state)
     record = new_record(cfg, rid)
     save_record(path, record)
+    log.info(f"run {rid}: record {path}" + (f", log {record['log']}" if record.get("log") else ""))
     t_start = time.perf_counter()
     try:
         train_and_evaluate(cfg, record, artifacts, path)
@@ -184,12 +187,10 @@ def run_locked(cfg: DictConfig, rid: str, path: Path) -> dict[str, Any]:
     if path != final_path:
         record = replace_final(record, path, artifacts, final_path, final_artifacts)
     if record["status"] == "diverged":
-        print(
-            f"[peftbench] {rid}: diverged: {record['error']}; lower train.lr or keep train.max_grad_norm on"
-        )
+        log.info(f"{rid}: diverged: {record['error']}; lower train.lr or keep train.max_grad_norm on")
     else:
         best = record["best"]["metrics"][record["main_metric"]]
-        print(f"[peftbench] {rid}: best {record['main_metric']}={best:.2f} -> {final_path}")
+        log.info(f"{rid}: best {record['main_metric']}={best:.2f} -> {final_path}")
     return record
 
 
@@ -247,5 +248,6 @@ def new_record(cfg: DictConfig, rid: str) -> dict[str, Any]:
         "versions": versions(),
         "git_sha": git_sha(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "log": log_file(),  # the job's log file (Hydra's output folder), which names this record in turn
         "checkpoint": {"every": cfg.train.checkpoint_every},
     }

@@ -226,6 +226,10 @@ TRAIN: dict[str, Field] = {
     "lock_stale_s": Positive(),
     "progress": Bool(),
     "log_every": PositiveInt(),
+    "report_to": Either(
+        OneOf("none", "tensorboard", "wandb", "mlflow"),
+        ListOf(OneOf("tensorboard", "wandb", "mlflow")),
+    ),
     "loss": Map({"lm": Number(0), "ul": Number(0), "ln": Number(0)}),
     "share_context": Bool(),
     "rank_length_norm": Bool(),
@@ -235,7 +239,7 @@ MODEL: dict[str, Field] = {
     "name": Text(),
     "description": Text(),
     "family": Text(),  # checked against models.FAMILIES by validate (with its choices)
-    "source": OneOf("hub", "minilm_package", "random"),
+    "source": OneOf("hub", "minilm_package", "smollm2_package", "random"),
     "hub_id": Text(null=True),
     "path": Text(null=True),
     "tokenizer": Text(null=True),

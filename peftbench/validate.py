@@ -107,6 +107,13 @@ def check_devices(t: DictConfig, here: bool = True) -> None:
         raise choice_error("train.compile", t.compile, shown)
     if not here:
         return
+    from peftbench.log import PACKAGES, missing_tracker
+
+    if name := missing_tracker(t.get("report_to")):
+        raise UserError(
+            f"train.report_to={name} needs the {PACKAGES[name]} package, which is not installed "
+            f"(pip install {PACKAGES[name]}); or train.report_to=none"
+        )
     if t.device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
     if t.mixed_precision == "fp16" and not torch.cuda.is_available():

@@ -65,11 +65,15 @@ def comparable(rec: dict) -> dict:
     """What must not change across an interruption: everything computed; not timings, paths, counters of
     this process."""
     train = {k: rec["train"][k] for k in ("steps", "epochs", "samples", "tokens", "loss_first", "loss_last")}
+
+    def no_path(ev):
+        return {k: v for k, v in ev.items() if k != "predictions"} if ev else ev
+
     return {
         "status": rec["status"],
-        "evals": rec["evals"],
-        "best": rec["best"],
-        "final": rec.get("final"),
+        "evals": [no_path(e) for e in rec["evals"]],
+        "best": no_path(rec["best"]),
+        "final": no_path(rec.get("final")),
         "loss_curve": rec["train"]["loss_curve"],
         "train": train,
         "params": rec["params"],

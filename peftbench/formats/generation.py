@@ -3,7 +3,10 @@ decoding and scoring with the task's official evaluation.
 
 GPT-2 is a causal LM over `source <|endoftext|> target <|endoftext|>` with the loss on the target tokens only
 (Li & Liang 2021's and LoRA's E2E / WebNLG / DART data format); T5 and BART read the source and decode the
-target. Decoding is batched: GPT-2's prompts are left-padded so every row continues at the same position and
+target. Any decoder takes the same path with its tokenizer's BOS as the separator and its EOS as the end
+(what decoding stops at): SmolLM2-Instruct's `source <|im_start|> target <|im_end|>`, padded with <|im_end|>,
+no chat template. Decoding is batched: a decoder's prompts are left-padded so every row continues at the same
+position (generate() derives the positions, GPT-2's learned and Llama's rotary ones, from the mask) and
 the KV cache stays on; beam search, its length penalty and no-repeat n-gram size, greedy and sampling are
 `task.decode` settings. Scores come from `peftbench.metrics.nlg`, which reproduces each task's official
 evaluation.
@@ -17,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from peftbench.errors import UserError
+from peftbench.errors import UserError, disk_full_is_user_error
 from peftbench.formats import Format
 from peftbench.formats.logprobs import pad_to, scored_positions_only
+from peftbench.log import bar
 from peftbench.models import family, inner
 from peftbench.record import write_atomic
 
@@ -81,7 +85,7 @@ class GenerationFormat(Format):
         if fam.kind == "encoder":
             raise UserError(
                 f"task {cfg.task.name} generates text and model {cfg.model.name} ({fam.name}) has no decoder; "
-                "use a GPT-2, T5 or BART model"
+                "use a GPT-2, Llama, T5 or BART model"
             )
 
     def encode_train(self, rows: list[dict]) -> list[dict[str, Any]]:
@@ -171,7 +175,7 @@ def decode_all(model: torch.nn.Module, loader, batcher: GenerationFormat, gather
     batch under data parallelism."""
     model.eval()
     texts: list[str] = []
-    for batch in loader:
+    for batch in bar(loader, desc="decode", unit="batch"):
         out = batcher.generate(model, batch)
         texts += gather(out) if gather is not None else out
     return texts
@@ -195,6 +199,23 @@ def score_outputs(by_idx: dict[int, str], ev, rows=None, name=None) -> dict[str,
                 result["metrics"][metric + suffix] = round(float(value), 4)
     if ev.artifacts is not None and ev.main:
         path = ev.artifacts / "predictions" / (f"{name}.txt" if name else f"eval_{ev.n_evals}.txt")
-        write_atomic(path, "".join(h + "\n" for h in hyps))
-        result["predictions"] = str(path)
+        write_atomic(path, "".join(h + "\n" for h in hyps))  # the official scorers' input: a line per input
+        examples = []
+        for r, h in zip(rows, hyps):
+            example = {"idx": r["idx"], "input": r.get("source"), "prediction": h}
+            if r.get("category"):
+                example["category"] = r["category"]
+            examples.append({**example, "references": r.get("references")})
+        result["predictions"] = save_predictions(ev, examples, name)
     return result
+
+
+def save_predictions(ev, examples: list[dict], name: str | None = None) -> str:
+    """An evaluation's per-example predictions as JSON lines: predictions/eval_<n>.jsonl (or <name>.jsonl);
+    the path, for the evaluation's result."""
+    import json
+
+    path = ev.artifacts / "predictions" / (f"{name}.jsonl" if name else f"eval_{ev.n_evals}.jsonl")
+    with disk_full_is_user_error(f"the predictions {path}", "free space and rerun: the run resumes"):
+        write_atomic(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
+    return str(path)

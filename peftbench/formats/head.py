@@ -12,6 +12,8 @@ from omegaconf import DictConfig
 from peftbench import metrics as M
 from peftbench.errors import UserError
 from peftbench.formats import Format
+from peftbench.formats.generation import save_predictions
+from peftbench.log import bar
 from peftbench.tasks.classification import format_pairs, group_of
 
 
@@ -39,7 +41,7 @@ class ClassScores:
     """Evaluation and test prediction of formats whose `logits` score the classes (head, prompt)."""
 
     def evaluate(self, model, loader, ev, rows=None, name=None) -> dict[str, Any]:
-        return evaluate_classes(self, model, loader, ev)
+        return evaluate_classes(self, model, loader, ev, name)
 
     def predict_labels(self, model: torch.nn.Module, loader, ev) -> list[int]:
         return predict_labels(self, model, loader, ev)
@@ -95,21 +97,52 @@ class HeadFormat(ClassScores, Format):
 
 
 @torch.no_grad()
-def evaluate_classes(fmt, model: torch.nn.Module, loader, ev) -> dict[str, Any]:
-    """Predicted classes (or scores) of every row against its label: the task's metrics and the mean loss.
-    `ev.gathered` collects the processes' shares of each batch, in order."""
+def evaluate_classes(fmt, model: torch.nn.Module, loader, ev, name: str | None = None) -> dict[str, Any]:
+    """Predicted classes (or scores) of every row against its label: the task's metrics and the mean loss,
+    and every row's prediction saved (predictions/eval_<n>.jsonl). `ev.gathered` collects the processes'
+    shares of each batch, in order."""
     model.eval()
-    preds, refs, total_loss, n = [], [], 0.0, 0
-    for batch in loader:
+    preds, refs, scores, total_loss, n = [], [], [], 0.0, 0
+    for batch in bar(loader, desc="evaluate", unit="batch"):
         logits, labels = ev.gathered((fmt.logits(model, batch), batch["labels"]))
         total_loss += float(fmt.loss_from_logits(logits, labels)) * len(labels)
         n += len(labels)
         preds += fmt.predict(logits).tolist()
         refs += labels.tolist()
+        scores += logits.float().tolist()
     task_cfg = fmt.cfg.task
     groups = [ex.get("group") for ex in loader.dataset] if task_cfg.get("group") else None
     values = M.compute(list(task_cfg.metrics), preds, refs, groups)
-    return {"metrics": {k: round(v, 4) for k, v in values.items()}, "loss": round(total_loss / max(n, 1), 5)}
+    result = {
+        "metrics": {k: round(v, 4) for k, v in values.items()},
+        "loss": round(total_loss / max(n, 1), 5),
+    }
+    if ev.artifacts is not None and ev.main:
+        rows = per_example(loader.dataset, preds, refs, scores, ev.task.label_names)
+        result["predictions"] = save_predictions(ev, rows, name)
+    return result
+
+
+def per_example(features, preds: list, refs: list, scores: list, label_names: list[str]) -> list[dict]:
+    """One line per evaluated row (lm-evaluation-harness's --log_samples): its idx (the row of the split),
+    group (MultiRC's question, ReCoRD's passage), gold label and prediction (with their names), whether they
+    agree, and the scores the prediction came from (class logits; choice log-likelihoods)."""
+    out = []
+    for f, pred, ref, score in zip(features, preds, refs, scores):
+        row = {"idx": f["idx"]}
+        if f.get("group") is not None:
+            row["group"] = f["group"]
+        row.update(label=ref, prediction=pred)
+        if label_names and isinstance(ref, int) and isinstance(pred, int):
+            named = 0 <= ref < len(label_names) and 0 <= pred < len(label_names)
+            if named:
+                row.update(label_name=label_names[ref], prediction_name=label_names[pred])
+            row["correct"] = pred == ref
+        row["scores"] = [round(x, 5) for x in score] if isinstance(score, list) else round(score, 5)
+        out.append(row)
+    if all(isinstance(r["idx"], int) for r in out):  # evaluated longest first; saved in the split's order
+        out.sort(key=lambda r: r["idx"])
+    return out
 
 
 @torch.no_grad()
@@ -117,6 +150,6 @@ def predict_labels(fmt, model: torch.nn.Module, loader, ev) -> list[int]:
     """The predicted class of every (unlabelled) row of the loader, in its order."""
     model.eval()
     preds: list[int] = []
-    for batch in loader:
+    for batch in bar(loader, desc="predict", unit="batch"):
         preds += fmt.predict(ev.gathered(fmt.logits(model, batch))).tolist()
     return preds

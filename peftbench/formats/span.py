@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from peftbench.errors import UserError
 from peftbench.formats import Format
 from peftbench.formats.generation import score_outputs
+from peftbench.log import bar
 
 NEG = -1e4  # logits of the padding added to gather windows of different lengths
 
@@ -162,7 +163,7 @@ def evaluate_spans(
     width = int(fmt.cfg.task.max_length)
     logits_all: list[torch.Tensor] = []
     total_loss, n = 0.0, 0
-    for batch in loader:
+    for batch in bar(loader, desc="evaluate", unit="batch"):
         logits, labels = ev.gathered((pad_tokens(fmt.logits(model, batch), width), batch["labels"]))
         total_loss += float(fmt.loss_from_logits(logits, labels)) * len(labels)
         n += len(labels)

@@ -38,6 +38,7 @@ from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 from unidecode import unidecode
 
 from peftbench.errors import UserError, choice_error
+from peftbench.log import bar
 from peftbench.metrics.qa import squad
 
 Refs = Sequence[Sequence[str]]
@@ -263,12 +264,14 @@ def score(suite: str, hyps: Sequence[str], refs: Refs, meteor: Meteor | None = N
     own = meteor is None and no_java is None
     if own:
         meteor = Meteor()
+    stages = bar(total=len(SUITES[suite]), desc=f"score {suite} ({len(hyps)} outputs)", unit="metric")
     try:
         if suite == "e2e":
-            _score_e2e(hyps, refs, meteor, out)
+            _score_e2e(hyps, refs, meteor, out, stages)
         else:
-            _score_triples(suite, hyps, refs, meteor, out)
+            _score_triples(suite, hyps, refs, meteor, out, stages)
     finally:
+        stages.close()
         if own:
             meteor.close()
     if no_java:
@@ -294,9 +297,11 @@ def rouge(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
     return {k: 100.0 * v / max(len(hyps), 1) for k, v in totals.items()}
 
 
-def _score_e2e(hyps: list[str], refs: list[list[str]], meteor: Meteor | None, out: Scores) -> None:
+def _score_e2e(hyps: list[str], refs: list[list[str]], meteor: Meteor | None, out: Scores, stages) -> None:
+    stages.set_postfix_str("bleu, nist")
     bleu, nist = mteval_bleu_nist(hyps, refs)
     out.values.update(bleu=100 * bleu, nist=nist)
+    stages.update(2)
     if meteor is None:
         return
     from pycocoevalcap.cider.cider import Cider
@@ -307,21 +312,33 @@ def _score_e2e(hyps: list[str], refs: list[list[str]], meteor: Meteor | None, ou
     tok_r = [[next(rest) for _ in rs] for rs in refs]
     gts = {i: rs for i, rs in enumerate(tok_r)}
     res = {i: [h] for i, h in enumerate(tok_h)}
+    stages.set_postfix_str("meteor")
     out.values["meteor"] = 100 * meteor(tok_h, tok_r)
+    stages.update(1)
+    stages.set_postfix_str("rouge_l")
     out.values["rouge_l"] = 100 * float(Rouge().compute_score(gts, res)[0])
+    stages.update(1)
+    stages.set_postfix_str("cider")
     out.values["cider"] = float(Cider().compute_score(gts, res)[0])
+    stages.update(1)
 
 
 def _score_triples(
-    suite: str, hyps: list[str], refs: list[list[str]], meteor: Meteor | None, out: Scores
+    suite: str, hyps: list[str], refs: list[list[str]], meteor: Meteor | None, out: Scores, stages
 ) -> None:
     prepare_hyp, prepare_ref = (webnlg_hyp, webnlg_ref) if suite == "webnlg" else (dart_hyp, dart_ref)
     h = [prepare_hyp(x) for x in hyps]
     r = [[prepare_ref(x) for x in rs[:3]] for rs in refs]
+    stages.set_postfix_str("bleu")
     out.values["bleu"] = multi_bleu(h, [rs + [""] * (3 - len(rs)) for rs in r], lowercase=suite == "webnlg")
+    stages.update(1)
+    stages.set_postfix_str("ter")
     out.values["ter"] = ter(h, r)
+    stages.update(1)
     if meteor is not None:
+        stages.set_postfix_str("meteor")
         out.values["meteor"] = meteor(h, r)
+        stages.update(1)
 
 
 def _split_words(text: str) -> str:

@@ -261,6 +261,36 @@ def latex(text) -> str:
     return out.replace("±", "$\\pm$").replace("Δ", "$\\Delta$")
 
 
+# columns that are not scores: no best to mark
+NOT_SCORES = {"model", "method", "row", "# trainable", "# trainable params", *EFFICIENCY}
+
+
+def lower_is_better(header: str) -> bool:
+    return header.split()[-1] in ("TER", "ter", "loss")
+
+
+def best_cells(headers: list[str], data: list[list[str]]) -> set[tuple[int, int]]:
+    """(row, column) of the best value of each score column (ties: all of them), as the papers set theirs in
+    bold: the highest, or the lowest for TER; columns with fewer than two values have none."""
+    out = set()
+    for j, h in enumerate(headers):
+        if h in NOT_SCORES:
+            continue
+        values = {i: float(m.group("value")) for i, row in enumerate(data)
+                  if (m := CELL.match(str(row[j]))) and m.group("value")}  # fmt: skip
+        if len(values) < 2:
+            continue
+        target = (min if lower_is_better(h) else max)(values.values())
+        out |= {(i, j) for i, v in values.items() if v == target}
+    return out
+
+
+def bold_value(cell: str) -> str:
+    """`\\textbf{}` around a LaTeX cell's value (not its spread, count or the paper's number)."""
+    value = re.match(r"-?\d+(?:\.\d+)?", cell)
+    return f"\\textbf{{{value.group()}}}{cell[value.end() :]}" if value else cell
+
+
 def render(rows: list[dict[str, str]], fmt: str = "md") -> str:
     if not rows:
         return ""
@@ -269,7 +299,10 @@ def render(rows: list[dict[str, str]], fmt: str = "md") -> str:
     headers = list(dict.fromkeys(k for r in rows for k in r))
     data = [[r.get(h, "") for h in headers] for r in rows]
     if fmt == "latex":
-        headers, data = [latex(h) for h in headers], [[latex(c) for c in row] for row in data]
+        best = best_cells(headers, data)
+        data = [[bold_value(latex(c)) if (i, j) in best else latex(c) for j, c in enumerate(row)]
+                for i, row in enumerate(data)]  # fmt: skip
+        headers = [latex(h) for h in headers]
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")

@@ -11,7 +11,8 @@ from peftbench.errors import UserError, choice_error
 SCORE_KEYS = ("task", "predictions", "split", "out")
 USAGE = (
     "usage: peftbench score task=TASK predictions=FILE [split=test] [out=FILE.json]\n"
-    "Scores a file of outputs (one line per distinct input of the split, in its order) with the task's "
+    "Scores a file of outputs (one line per distinct input of the split, in its order; or a run's "
+    "predictions.jsonl) with the task's "
     "official metrics (peftbench/metrics/nlg.py); WebNLG also by seen / unseen category."
 )
 
@@ -45,6 +46,17 @@ def generation_task(name: str):
     raise choice_error("task", name, generation)
 
 
+def jsonl_predictions(path: Path, lines: list[str]) -> list[str]:
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+            rows.append((row["idx"], row["prediction"]))
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path}:{n}: not a JSON object with idx and prediction") from None
+    return [text for _, text in sorted(rows, key=lambda r: r[0])]
+
+
 def score_file(opts: dict[str, str]) -> dict:
     """{category: scores} of the predictions file against the task's split."""
     from hydra.utils import get_method
@@ -60,6 +72,8 @@ def score_file(opts: dict[str, str]) -> dict:
 
     with text_file(path):
         hyps = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".jsonl":  # a run's predictions.jsonl: its "prediction" fields, in the order of idx
+        hyps = jsonl_predictions(path, hyps)
     load_split = get_method(task._target_.rsplit(".", 1)[0] + ".load_split")  # tasks/generation.py, qa.py
     entries, source = load_split(task, split)
     if len(hyps) != len(entries):

@@ -74,7 +74,12 @@ def data_identity(task_cfg: DictConfig) -> dict[str, Any]:
     data changed since is run again (run.py), so a run on a cut-down copy is never taken for the full one."""
     root, local = data_dir(), task_cfg.get("local") or {}
     folders = [local.get("dir")] if local.get("dir") else []
-    if folders and task_cfg.get("subset") and root is not None and (root / folders[0] / task_cfg.subset).is_dir():
+    if (
+        folders
+        and task_cfg.get("subset")
+        and root is not None
+        and (root / folders[0] / task_cfg.subset).is_dir()
+    ):
         folders = [f"{folders[0]}/{task_cfg.subset}"]  # RAFT: <dir>/<subset>/
     shots = (task_cfg.get("shot_files") or {}).get(task_cfg.get("shots_from") or "", {})
     if shots.get("path"):

@@ -124,7 +124,7 @@ def _load_split(cfg: DictConfig, split: str) -> tuple[list[dict], str]:
             path = root / local.dir / local.files[split]
             if path.is_file():
                 return _read_local(cfg, path), str(path)
-    return _read_hub(cfg, split, missing_local=path), f"hub:{cfg.hub.path}/{cfg.hub.get('name') or ''}"
+    return _read_hub(cfg, split, missing_local=path), hub_source(cfg.hub.path, cfg.hub.get("name"))
 
 
 def _read_hub(cfg: DictConfig, split: str, missing_local: Path | None) -> list[dict]:
@@ -150,6 +150,27 @@ def _read_hub(cfg: DictConfig, split: str, missing_local: Path | None) -> list[d
     )
 
 
+# "path/name" -> the revision of the copy `datasets` loaded (its commit on the hub), for the run's record
+HUB_REVISIONS: dict[str, str] = {}
+
+
+def hub_source(path: str, name: str | None = None) -> str:
+    """How a record names hub data: `hub:<path>/<name>@<revision>`."""
+    key = "/".join(str(v) for v in (path, name) if v)
+    rev = HUB_REVISIONS.get(key)
+    return f"hub:{key}" + (f"@{rev}" if rev else "")
+
+
+def hub_revision(ds) -> str | None:
+    """The revision a loaded dataset came from: `datasets` caches a hub dataset under
+    <cache>/<owner>___<name>/<config>/<version>/<commit hash>/, so the folder of its cache files names the
+    commit (a local folder's: the hash of its files); None for an in-memory dataset."""
+    files = ds.cache_files
+    if isinstance(files, dict):  # a DatasetDict: split -> files
+        files = [f for split in files.values() for f in split]
+    return Path(files[0]["filename"]).parent.name if files else None
+
+
 def hub_load(path: str, name: str | None = None, split: str | None = None):
     """`datasets.load_dataset(path, name, split=split)` (offline: from the local Hugging Face cache, as a
     dataset downloaded on a login node), or None and why it could not be loaded."""
@@ -160,10 +181,13 @@ def hub_load(path: str, name: str | None = None, split: str | None = None):
     try:
         import datasets
 
-        return datasets.load_dataset(path, name, split=split), ""
+        ds = datasets.load_dataset(path, name, split=split)
     except Exception as e:  # any failure to reach or read the hub is a user-facing data problem
         why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
         return None, f"HF_HUB_OFFLINE=1 and not in the local cache ({why})" if offline else why
+    if rev := hub_revision(ds):
+        HUB_REVISIONS["/".join(str(v) for v in (path, name) if v)] = rev
+    return ds, ""
 
 
 def hub_rows(hub: DictConfig, split: str) -> tuple[list[dict] | None, str]:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from peftbench.errors import UserError, choice_error
 from peftbench.paths import data_dir
 from peftbench.tasks import TaskData, text_file
-from peftbench.tasks.classification import hub_rows, select_train
+from peftbench.tasks.classification import hub_rows, hub_source, select_train
 
 SPLITS = ("train", "validation", "test")
 # Prefix-Tuning's names for the E2E attributes (its src files; LoRA's data/e2e/*.txt)
@@ -62,7 +62,7 @@ def load_split(cfg: DictConfig, split: str) -> tuple[list[dict], str]:
         missing = f"no local file {path}"
     else:
         missing = "PEFTBENCH_DATA_DIR is not set" if root is None else f"no local copy of the {split} split"
-    return _finish(_read_hub(cfg, split, missing)), f"hub:{cfg.hub.path}"
+    return _finish(_read_hub(cfg, split, missing)), hub_source(cfg.hub.path, cfg.hub.get("name"))
 
 
 def _finish(entries: list[dict]) -> list[dict]:

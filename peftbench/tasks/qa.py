@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from peftbench.errors import UserError, choice_error
 from peftbench.paths import data_dir
 from peftbench.tasks import TaskData
-from peftbench.tasks.classification import _read_jsonl, hub_load, select_train
+from peftbench.tasks.classification import _read_jsonl, hub_load, hub_source, select_train
 
 
 def load(cfg: DictConfig, seed: int, max_train: int | None = None) -> TaskData:
@@ -73,7 +73,7 @@ def _load(cfg: DictConfig, rel: Path, hub: dict) -> tuple[list[dict], str]:
         )
     subset = hub.get("subset")
     rows = [dict(r) for r in ds if not subset or r.get("subset") == subset]
-    return _finish([_from_hub(r) for r in rows]), f"hub:{hub['path']}" + (f"/{subset}" if subset else "")
+    return _finish([_from_hub(r) for r in rows]), hub_source(hub["path"], hub.get("name")) + (f" ({subset})" if subset else "")
 
 
 def _finish(rows: list[dict]) -> list[dict]:

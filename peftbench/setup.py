@@ -17,7 +17,15 @@ from peftbench.cost import static_cost
 from peftbench.errors import UserError
 from peftbench.formats import Format, format_class, model_family, model_kind
 from peftbench.methods import apply_method, hook, stored_count
-from peftbench.models import Family, base_model, build_meta, count, load_model, transformer_blocks
+from peftbench.models import (
+    Family,
+    base_model,
+    build_meta,
+    count,
+    load_model,
+    model_revision,
+    transformer_blocks,
+)
 from peftbench.paths import data_dir
 from peftbench.tasks import TaskData, check_rows, load_task
 from peftbench.tasks.classification import shot_seed
@@ -89,8 +97,8 @@ def prepare(cfg: DictConfig, record: dict[str, Any], artifacts: Path | None = No
         "n_eval": len(evals),
         **task.notes,
     }
-    # the weights' revision: the hub commit transformers resolved (None for a local folder or a random init)
-    record["model_revision"] = getattr(getattr(model, "config", None), "_commit_hash", None)
+    # the weights' revision: the package version of packaged weights, the hub commit transformers resolved
+    record["model_revision"] = model_revision(cfg.model, model)
     record["cost"] = costs(model, fmt, counts, train, evals, fam)
     if cfg.task.get("n_shot") or cfg.task.get("shots_from"):  # which few-shot rows, reproducibly
         record["data"].update(

@@ -182,10 +182,11 @@ def test_list_pairs_gives_each_method_x_family_and_the_reason_when_it_does_not_a
     assert (
         "no bias terms" in na[("bitfit", "t5", "head")] and "no bias terms" in na[("bitfit", "t5", "prompt")]
     )
+    assert "no bias terms" in na[("bitfit", "llama", "head")]
     assert "disentangled attention" in na[("prefix_tuning", "deberta", "head")]
     assert all("add task.format=prompt" in na[("icl", f, "head")] for f in ("bert", "gpt2", "t5", "bart"))
     # everything else applies (prompt tuning and prefix tuning on T5 / BART too); fused-slice refusals aside
-    expected = {("bitfit", "t5"), ("prefix_tuning", "deberta")}
+    expected = {("bitfit", "t5"), ("bitfit", "llama"), ("prefix_tuning", "deberta")}
     others = [(m, f, x) for m, f, x in na if f != "albert"]  # ALBERT shares one layer: its n/a are its own
     assert all((m, f) in expected or (m, x) == ("icl", "head") for m, f, x in others), sorted(others)
     assert "applies" in next(line for line in lines if line.split()[:3] == ["prefix_tuning", "t5", "prompt"])

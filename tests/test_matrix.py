@@ -24,8 +24,8 @@ CASES = [pytest.param(*c, marks=pytest.mark.xfail(reason=BROKEN[c], strict=True)
 # The overfit, per format: learning rate by method (2e-2 otherwise), the factor the loss must fall below and
 # the steps it may take.
 LR = {
-    "head": {"full": 3e-3, "ft_top2": 3e-3, "adapter_houlsby": 5e-3, "ia3": 5e-2, "prompt_tuning": 5e-2,
-             "p_tuning": 1e-2, "prefix_tuning": 1e-2},
+    "head": {"full": 3e-3, "ft_top2": 3e-3, "adapter_houlsby": 5e-3, "adapter_pfeiffer": 5e-3, "ia3": 5e-2,
+             "prompt_tuning": 5e-2, "p_tuning": 1e-2, "prefix_tuning": 1e-2},
     "prompt": {"ia3": 5e-2, "prompt_tuning": 0.1, "p_tuning": 3e-2, "prefix_tuning": 1e-2, "vera": 5e-2},
 }  # fmt: skip
 # Random tiny BERT-likes give near-identical [CLS] features for every input: a new head on them fits little

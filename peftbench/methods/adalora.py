@@ -67,7 +67,7 @@ def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
             lora_dropout=cfg.dropout,
             target_modules=pattern,
             modules_to_save=list(fam.head),
-            fan_in_fan_out=fam.kind == "decoder",  # GPT-2's Conv1D stores W transposed
+            fan_in_fan_out=fam.transposed,  # GPT-2's Conv1D stores W transposed
             bias="none",
             orth_reg_weight=cfg.orth_reg_weight,
             deltaT=cfg.delta_t,

@@ -45,12 +45,14 @@ SITES: dict[str, dict[str, str]] = {
     },
     # BART's dropout is functional: the adapter follows the output projection (dropout comes after it).
     "bart": {"attn": r"self_attn\.out_proj", "ffn": r"fc2"},
+    # Llama has no dropout on either sublayer's output: the adapter follows o_proj and the FFN's down_proj.
+    "llama": {"attn": r"self_attn\.o_proj", "ffn": r"mlp\.down_proj"},
 }
 SITES["roberta"] = SITES["deberta-v2"] = SITES["bert"]
 PLACEMENTS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
-NORM_TYPES = ("LayerNorm", "T5LayerNorm")
-# the adapters, and (Houlsby) the LayerNorms by each family's names for them
-CAN = Capabilities(tensors=(".adapter.", "LayerNorm", "layer_norm", "layernorm", "ln_"))
+NORM_TYPES = ("LayerNorm", "T5LayerNorm", "LlamaRMSNorm")
+# the adapters, and (Houlsby) the LayerNorms by each family's names for them (Llama's final RMSNorm: model.norm)
+CAN = Capabilities(tensors=(".adapter.", "LayerNorm", "layer_norm", "layernorm", "ln_", ".norm."))
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU}
 # near_identity: W_down ~ N(0, init_std), W_up = 0 (the adapter is exactly the identity at init; ours);
 # truncated_normal: both weights ~ N(0, init_std) cut at 2 std (google-research/adapter-bert@1a31fc6e:modeling.py
@@ -62,7 +64,9 @@ INITS = ("near_identity", "truncated_normal", "normal")
 FIELDS = {
     "placement": OneOf(*PLACEMENTS),
     "bottleneck": PositiveInt(null=True, doc="m"),
-    "budget": Number(0, 1, open_low=True, open_high=True, null=True, doc="a fraction of the model's parameters"),
+    "budget": Number(
+        0, 1, open_low=True, open_high=True, null=True, doc="a fraction of the model's parameters"
+    ),
     "train_layer_norm": Bool(),
     "activation": OneOf(*ACTIVATIONS),
     "init": OneOf(*INITS),
@@ -71,7 +75,9 @@ FIELDS = {
 
 
 class Adapter(nn.Module):
-    def __init__(self, d: int, m: int, device=None, dtype=None, activation="relu", init="near_identity", std=1e-2):
+    def __init__(
+        self, d: int, m: int, device=None, dtype=None, activation="relu", init="near_identity", std=1e-2
+    ):
         super().__init__()
         self.down = nn.Linear(d, m, device=device, dtype=dtype)
         self.up = nn.Linear(m, d, device=device, dtype=dtype)

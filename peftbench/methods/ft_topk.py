@@ -15,7 +15,10 @@ from peftbench.models import Family
 from peftbench.schema import Bool, PositiveInt
 
 CAN = Capabilities(exportable=True, fsdp=True)  # its trained tensors are the model's own weights
-FIELDS = {"k": PositiveInt(doc="blocks from the top"), "train_lm_head": Bool(doc="the LM head too (tied to the input embeddings on GPT-2)")}
+FIELDS = {
+    "k": PositiveInt(doc="blocks from the top"),
+    "train_lm_head": Bool(doc="the LM head too (tied to the input embeddings on GPT-2)"),
+}
 
 
 def apply(model: torch.nn.Module, cfg: DictConfig, fam: Family) -> torch.nn.Module:

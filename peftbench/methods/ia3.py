@@ -5,9 +5,10 @@ Learning", Sec. 3.3): learned vectors rescale the keys, the values and the FFN's
 
 all initialised to ones (training starts from the pretrained function). l_ff scales the INPUT of the FFN's
 output projection (size d_ff): T5 `wo`, BERT / RoBERTa / DeBERTa `output.dense` (not
-`attention.output.dense`), GPT-2 `mlp.c_proj`, BART `fc2`. Every attention has its own l_k, l_v, so a
-decoder block with cross-attention has two of each: L (d_k + d_v + d_ff) per encoder, L (2 d_k + 2 d_v + d_ff)
-per decoder.
+`attention.output.dense`), GPT-2 `mlp.c_proj`, BART `fc2`, Llama `mlp.down_proj` (with k_proj, v_proj: peft
+0.21.2's default IA3 targets for Llama; under grouped-query attention l_k, l_v have num_key_value_heads x
+head_dim entries). Every attention has its own l_k, l_v, so a decoder block with cross-attention has two of
+each: L (d_k + d_v + d_ff) per encoder, L (2 d_k + 2 d_v + d_ff) per decoder.
 
 peft's IA3 is this method for separate k / v projections. GPT-2 fuses q, k, v into one Conv1D `c_attn`: peft
 on `c_attn` would learn a 3d vector (rescaling q too); `FusedIA3` rescales only the k and v slices.
@@ -43,7 +44,7 @@ def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
             target_modules=r".*\.(" + "|".join(targets) + r")$",
             feedforward_modules=r".*\.(" + ff + r")$",
             modules_to_save=list(fam.head),
-            fan_in_fan_out=fam.kind == "decoder",  # GPT-2's Conv1D stores W transposed
+            fan_in_fan_out=fam.transposed,  # GPT-2's Conv1D stores W transposed
         ),
     )
     if "qkv" in fam.proj:  # get_peft_model froze the fused vectors with the base
@@ -81,6 +82,23 @@ class FusedIA3(nn.Module):
             self.base.bias.mul_(s)
         self.merged = True
         return self.base
+
+    @torch.no_grad()
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        """This module as peft's IA3 on the whole fused matrix (what export.save_adapter writes, so
+        PeftModel.from_pretrained gives our logits): one 3d output vector, ones on q's slice, l_k, l_v."""
+        return {"ia3_l": self.scale().reshape(-1, 1)}  # peft's shape for a non-feedforward layer: (out, 1)
+
+    @staticmethod
+    def peft_config(config: IA3Config | None, modules: list[FusedIA3], target: str) -> IA3Config | None:
+        """peft's IA3Config for `modules` (names matching the regex `target`, not feedforward) next to peft's
+        own IA3 layers (`config`, None when there are none)."""
+        if config is None:
+            return IA3Config(target_modules=target, feedforward_modules=[], fan_in_fan_out=True)
+        if not isinstance(config.target_modules, str):  # apply() gives peft a regex
+            return None
+        config.target_modules = f"(?:{config.target_modules})|(?:{target})"
+        return config
 
 
 def add_fused_ia3(model: nn.Module, fam: Family) -> None:

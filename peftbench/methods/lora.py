@@ -38,7 +38,9 @@ CAN = Capabilities(exportable=True, tensors=("lora_",))
 
 SLICES = ("q", "k", "v")
 FUSED = ("slices", "whole")  # method.fused on GPT-2's c_attn: our q / v slices, or peft on the whole matrix
-TARGETS = ListOf(Text(), doc="abstract weights (q, k, v, o, ffn_in, ffn_out); the family's are checked on apply")
+TARGETS = ListOf(
+    Text(), doc="abstract weights (q, k, v, o, ffn_in, ffn_out); the family's are checked on apply"
+)
 # the keys of lora, dora and pissa (peftbench.schema checks them before anything runs)
 FIELDS = {
     "r": PositiveInt(),
@@ -80,7 +82,7 @@ def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
                 lora_dropout=cfg.dropout,
                 target_modules=pattern,
                 modules_to_save=list(fam.head),
-                fan_in_fan_out=fam.kind == "decoder",  # GPT-2's Conv1D stores W transposed
+                fan_in_fan_out=fam.transposed,  # GPT-2's Conv1D stores W transposed
                 bias="none",
                 **extra,
             ),
@@ -188,6 +190,7 @@ class FusedLoRA(nn.Module):
         d_in, d_out3 = base.weight.shape  # Conv1D weight is (in, out)
         self.d = d_out3 // 3
         self.slices = slices
+        self.r, self.alpha = r, alpha
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout)
         dev, dtype = base.weight.device, base.weight.dtype
@@ -223,6 +226,39 @@ class FusedLoRA(nn.Module):
         self.base.weight += self.delta()
         self.merged = True
         return self.base
+
+    @torch.no_grad()
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        """This module as peft's LoRA on the whole fused matrix (what export.save_adapter writes, so
+        PeftModel.from_pretrained gives our logits): rank len(slices) * r, A the slices' A stacked, B each
+        slice's B in its own rows and columns and zero elsewhere (k's rows when q, v are adapted), so B A x
+        is our update on each slice and 0 on the others."""
+        r = self.r
+        b = self.lora_B[0].new_zeros(3 * self.d, len(self.slices) * r)
+        for i, (s, b_s) in enumerate(zip(self.slices, self.lora_B)):
+            b[s * self.d : (s + 1) * self.d, i * r : (i + 1) * r] = b_s
+        return {"lora_A.weight": torch.cat(list(self.lora_A)), "lora_B.weight": b}
+
+    @staticmethod
+    def peft_config(config: LoraConfig | None, modules: list[FusedLoRA], target: str) -> LoraConfig | None:
+        """peft's LoraConfig for `modules` (names matching the regex `target`) next to peft's own LoRA
+        layers (`config`, None when there are none): rank and alpha len(slices) times ours on them, so
+        alpha / r, peft's scaling, is ours. None if the modules differ in r, alpha or slices."""
+        kinds = {(m.r, m.alpha, tuple(m.slices), m.dropout.p) for m in modules}
+        if len(kinds) != 1:
+            return None
+        r, alpha, slices, dropout = kinds.pop()
+        if config is None:
+            config = LoraConfig(
+                r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, fan_in_fan_out=True
+            )
+        elif isinstance(config.target_modules, str):  # apply() gives peft a regex
+            config.target_modules = f"(?:{config.target_modules})|(?:{target})"
+        else:
+            return None
+        config.rank_pattern = {**config.rank_pattern, target: len(slices) * r}
+        config.alpha_pattern = {**config.alpha_pattern, target: len(slices) * alpha}
+        return config
 
 
 def add_fused_lora(model: nn.Module, fam: Family, slices: list[int], r: int, alpha: float, dropout: float):

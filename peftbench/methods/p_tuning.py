@@ -49,9 +49,9 @@ def format_options(cfg: DictConfig, task, record: dict) -> dict:
 def check(cfg: DictConfig, fam: Family, fmt: str) -> None:
     if fmt == "generation" and not (fam.kind == "encoder-decoder" and cfg.method.placement == "prepend"):
         raise UserError(
-            "method=p_tuning cannot generate: its prompt is prepended in one forward call, which GPT-2's "
-            "step-by-step decoding does not repeat; use a T5 / BART model (method.placement=prepend), or "
-            "method=prefix_tuning"
+            "method=p_tuning cannot generate: its prompt is prepended in one forward call, which a GPT-2 / "
+            "Llama decoder's step-by-step decoding does not repeat; use a T5 / BART model "
+            "(method.placement=prepend), or method=prefix_tuning"
         )
     if not anchored(cfg):
         return

@@ -13,8 +13,13 @@ classification models refuse ("Model does not support past key values"). Here th
 transformers' attention interface: we register an attention function (sdpa underneath) that concatenates
 the layer's prefixes to key and value, extends the mask (and T5's position bias) with attended columns,
 and set the model to use it. That reaches every attention that goes through the interface: BERT, RoBERTa,
-GPT-2, and every self- and cross-attention of T5 and BART (Li & Liang prefix encoder, decoder and
+GPT-2, Llama, and every self- and cross-attention of T5 and BART (Li & Liang prefix encoder, decoder and
 cross-attention of BART too). DeBERTa's disentangled attention does not go through it: refused.
+
+Llama's grouped-query attention hands the interface num_key_value_heads heads of keys and values (each shared
+by num_attention_heads / num_key_value_heads query heads, sdpa repeats them): the prefixes have that layout,
+n x layers x 2 x (num_key_value_heads x head_dim) stored parameters (SmolLM2-135M, n=10: 10 x 30 x 2 x 192).
+Its keys get their rotary positions before the interface; the prefixes are keys as they enter attention.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ ATTENTION = {
     "gpt2": r"attn",
     "t5": r"SelfAttention|EncDecAttention",
     "bart": r"self_attn|encoder_attn",
+    "llama": r"self_attn",
 }
 SLOT = "_peftbench_prefix"  # (encoder, index) on each attention module; not a submodule (no double params)
 
@@ -86,6 +92,9 @@ AttentionMaskInterface.register(IMPL, sdpa_mask)
 
 
 def heads(module: nn.Module) -> tuple[int, int]:
+    """(key / value heads, head size) of an attention module: the prefix has the keys' and values' layout."""
+    if hasattr(module, "num_key_value_groups"):  # Llama: grouped-query attention, fewer k / v heads than q
+        return int(module.config.num_key_value_heads), int(module.head_dim)
     for h, dh in (
         ("num_attention_heads", "attention_head_size"),
         ("num_heads", "head_dim"),

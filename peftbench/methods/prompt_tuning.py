@@ -31,8 +31,9 @@ def check(cfg: DictConfig, fam: Family, fmt: str) -> None:
     """Soft prompts generate with T5 / BART (the encoder reads the prompt once), not with GPT-2."""
     if fmt == "generation" and fam.kind != "encoder-decoder":
         raise UserError(
-            "method=prompt_tuning cannot generate: its prompt is prepended in one forward call, which GPT-2's "
-            "step-by-step decoding does not repeat; use a T5 / BART model, or method=prefix_tuning"
+            "method=prompt_tuning cannot generate: its prompt is prepended in one forward call, which a "
+            "GPT-2 / Llama decoder's step-by-step decoding does not repeat; use a T5 / BART model, or "
+            "method=prefix_tuning"
         )
 
 

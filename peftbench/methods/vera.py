@@ -43,7 +43,7 @@ def apply(model: nn.Module, cfg: DictConfig, fam: Family) -> nn.Module:
             save_projection=bool(cfg.save_projection),
             vera_dropout=cfg.dropout,
             d_initial=cfg.d_initial,
-            fan_in_fan_out=fam.kind == "decoder",  # GPT-2's Conv1D stores W transposed
+            fan_in_fan_out=fam.transposed,  # GPT-2's Conv1D stores W transposed
             bias="none",
             modules_to_save=list(fam.head),
         ),

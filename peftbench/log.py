@@ -97,6 +97,18 @@ def bar(
     )
 
 
+def library_bars() -> None:
+    """transformers' and datasets' own bars (loading weights, converting GGUF, generating splits) follow the
+    same rule: none into a log file or a pipe."""
+    if BARS["on"] and on_terminal():
+        return
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def lines_above_bars():
     """Log lines printed above the bars instead of through them (on a terminal)."""
     from contextlib import nullcontext

@@ -23,7 +23,7 @@ from peftbench import checkpoint
 from peftbench.env import git_sha, versions
 from peftbench.errors import UserError
 from peftbench.lock import RunLock, describe, try_lock
-from peftbench.log import BARS, log, log_file
+from peftbench.log import BARS, library_bars, log, log_file
 from peftbench.loop import Diverged, on_cpu, train_and_evaluate
 from peftbench.record import check_writable, read_record, run_id, save_record
 from peftbench.tasks import data_identity
@@ -35,6 +35,7 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     process holds (its lock) is skipped or waited for; an interrupted run resumes from its last checkpoint."""
     validate(cfg)
     BARS["on"] = bool(cfg.train.progress)
+    library_bars()
     out_dir = Path(cfg.paths.results) / cfg.name
     rid = run_id(cfg)
     path = out_dir / f"{rid}.json"

@@ -275,3 +275,29 @@ def test_a_record_outside_the_presets_grid_is_left_out_with_a_warning(tmp_path, 
     assert make_table(tmp_path, "offline_minilm") + "\n" == (repo / "offline_minilm.md").read_text()
     err = capsys.readouterr().err
     assert f"{stray['run_id']} (row" in err and "seed 999) is not a run of preset offline_minilm" in err
+
+
+def test_a_stand_in_models_table_shows_the_papers_numbers_under_their_model_without_a_difference():
+    """offline_e2e_smollm2 runs SmolLM2-135M where the paper ran GPT-2 Medium: the paper's number is shown
+    under that model's name, with no Δ (not the same experiment); its plot's x is a record field."""
+    preset = experiment.load_preset("offline_e2e_smollm2")
+    recs = []
+    for seed, bleu in ((0, 64.0), (1, 66.0)):
+        rec = fake("PREFIX (n=10)", "e2e", seed, 0.0)
+        rec["best"]["metrics"] = {"bleu": bleu, "nist": 8.0, "meteor": 40.0, "rouge_l": 65.0, "cider": 2.0}
+        rec["params"] = {"trainable_without_head": 115200}
+        recs.append(rec)
+    rows = presets.table(preset, recs)
+    prefix = next(r for r in rows if r["method"] == "PREFIX (n=10)")
+    assert prefix["E2E BLEU"] == "65.0 ± 1.4 (n=2) [paper, GPT-2 Medium: 69.7]"
+    assert prefix["WebNLG BLEU-S"] == "missing [paper, GPT-2 Medium: 62.9]"
+    lora = next(r for r in rows if r["method"] == "LoRA (r=8)")
+    assert lora["E2E BLEU"] == "missing"  # no GPT-2 Medium LoRA number in Li & Liang's table
+    from peftbench.report import numeric_rows
+
+    (csv_row,) = [r for r in numeric_rows(rows) if r["method"] == "PREFIX (n=10)"]
+    assert (csv_row["E2E BLEU"], csv_row["E2E BLEU paper"], csv_row["E2E BLEU delta"]) == ("65.0", "69.7", "")
+    (spec,) = preset.plots
+    for rec in recs:
+        rec["status"], rec["config"] = "finished", {}
+    assert presets.plot_series(preset, spec, recs, "mean") == {"prefix_tuning": [(115200, 65.0, 2.0**0.5, 2)]}

@@ -137,6 +137,12 @@ def test_bars_show_only_on_a_terminal_and_when_progress_is_on(monkeypatch):
     monkeypatch.setattr(L, "on_terminal", lambda: False)
     monkeypatch.setitem(L.BARS, "on", True)
     assert L.bar(range(3)).disable
+    import datasets
+    import transformers
+
+    L.library_bars()  # the libraries' own bars (loading weights, converting GGUF) follow the same rule
+    assert not transformers.utils.logging.is_progress_bar_enabled()
+    assert not datasets.is_progress_bar_enabled()
 
 
 def test_flat_config_for_hyperparameter_panels():

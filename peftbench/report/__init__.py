@@ -220,14 +220,14 @@ CELL = re.compile(
     r"|^(?P<note>[^\[]*?)(?= \[|$)"
 )
 STAT = re.compile(r"^-?\d+(?:\.\d+)?(?: ± \d+(?:\.\d+)?)? \(n=\d+\)")
-PAPER = re.compile(r"\[paper (?P<paper>-?\d+(?:\.\d+)?)(?:, Δ (?P<delta>[+-]?\d+(?:\.\d+)?))?\]")
+PAPER = re.compile(r"\[paper(?:, [^:\]]+:)? (?P<paper>-?\d+(?:\.\d+)?)(?:, Δ (?P<delta>[+-]?\d+(?:\.\d+)?))?\]")
 
 
 def numeric_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     """CSV for a spreadsheet or pandas: a column of statistic cells becomes numeric columns (the value, `std`,
     `n`, `paper`, `delta`; `note` for a cell that is a word: missing, failed, n/a: reason)."""
     stat_columns = {
-        k for r in rows for k, v in r.items() if isinstance(v, str) and (STAT.match(v) or "[paper " in v)
+        k for r in rows for k, v in r.items() if isinstance(v, str) and (STAT.match(v) or "[paper" in v)
     }
     out = []
     for r in rows:

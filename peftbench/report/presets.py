@@ -72,7 +72,11 @@ def table(
         for task, metric, ref in table_columns(columns, reported):
             header = f"{preset.get('column_names', {}).get(task, task)} {METRIC_SHORT.get(metric, metric)}"
             in_grid = task in row_tasks(preset, row)
-            line[header] = cell(records, row, task, metric, ref, stat, paper, per_task) if in_grid else ""
+            line[header] = (
+                cell(records, row, task, metric, ref, stat, paper, per_task, preset.get("paper_model"))
+                if in_grid
+                else ""
+            )
         if preset.get("avg", False):
             line["Avg"] = average(preset, row, columns, per_task, reported, paper)
         if with_efficiency:
@@ -96,9 +100,19 @@ def params_cell(records: list[dict], row: DictConfig, reported: dict, paper: boo
 
 
 def cell(
-    records, row: DictConfig, task: str, metric: str, ref, stat: str, paper: bool, per_task: dict
+    records,
+    row: DictConfig,
+    task: str,
+    metric: str,
+    ref,
+    stat: str,
+    paper: bool,
+    per_task: dict,
+    paper_model: str | None = None,
 ) -> str:
-    """ours = statistic ± std (n seeds), [paper value, Δ]; 'missing' where no run exists, never 0."""
+    """ours = statistic ± std (n seeds), [paper value, Δ]; 'missing' where no run exists, never 0. A preset
+    whose `paper_model` is not its own model (offline stand-ins) shows the paper's number under that model's
+    name and no difference: the two are not the same experiment."""
     runnable = row.get("runnable", True)
     values, other = cell_values(records, row.label, task, metric) if runnable else ([], set())
     if values:
@@ -110,7 +124,9 @@ def cell(
         text = f"n/a: {row.get('note', 'not runnable')}"
     else:
         text = ", ".join(sorted(other)) if other else "missing"
-    if paper and ref is not None:
+    if paper and ref is not None and paper_model:
+        text += f" [paper, {paper_model}: {ref}]"
+    elif paper and ref is not None:
         text += f" [paper {ref}" + (f", Δ {_num(ours - ref, ref, sign=True)}]" if values else "]")
     return text
 
@@ -200,6 +216,17 @@ def transfer_table(preset: DictConfig, records: list[dict], stat: str, paper: bo
     return out
 
 
+def record_value(rec: dict, key: str) -> Any:
+    """A plot's x: a setting of the run's config (`method.r`), or with `record.` a field of the record
+    itself (`record.params.trainable_without_head`: BLEU against trainable parameters)."""
+    if key.startswith("record."):
+        value: Any = rec
+        for part in key.removeprefix("record.").split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+    return OmegaConf.select(OmegaConf.create(rec["config"]), key)
+
+
 def plot_series(
     preset: DictConfig, spec: DictConfig, records: list[dict], stat: str
 ) -> dict[str, list[tuple]]:
@@ -210,7 +237,7 @@ def plot_series(
         for rec in records:
             if rec.get("row") != row.label or rec["task"] != spec.task or rec["status"] != "finished":
                 continue
-            x = OmegaConf.select(OmegaConf.create(rec["config"]), spec.x)
+            x = record_value(rec, spec.x)
             label = (
                 str(OmegaConf.select(OmegaConf.create(rec["config"]), spec.series))
                 if spec.get("series")

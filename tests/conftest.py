@@ -45,6 +45,17 @@ def require_data(*parts: str) -> Path:
     return path
 
 
+def perturb(model: torch.nn.Module, scale: float = 0.1, seed: int = 1) -> torch.nn.Module:
+    """The trainable tensors moved away from their init by seeded noise (as after training), in eval mode:
+    a saved-and-reloaded or merged model then has something to get wrong."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn_like(p))
+    return model.eval()
+
+
 def overfit(
     setup, lr: float, steps: int, first_grads: set[str] | None = None, until: float | None = None
 ) -> list[float]:

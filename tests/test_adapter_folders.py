@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import require_data
+from conftest import perturb, require_data
 
 from peftbench.export import save_adapter
 from peftbench.methods import load_trainable
@@ -22,12 +22,7 @@ def perturbed(compose, *overrides):
 
     cfg = compose(*SMALL, "train.batch_size=8", *overrides)
     setup = prepare(cfg, {})
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in setup.model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
-    setup.model.eval()
+    perturb(setup.model)
     return cfg, setup, next(iter(setup.eval_loader))
 
 

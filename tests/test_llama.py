@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import overfit, require_data
+from conftest import overfit, perturb, require_data
 from omegaconf import OmegaConf
 
 from peftbench.errors import UserError
@@ -177,12 +177,7 @@ def trained(compose, method, task="rte", *more):
     ]
     cfg = compose(f"task={task}", "model=tiny-llama", f"method={method}", *small, *more)
     s = prepare(cfg, {})
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in s.model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
-    return cfg, s.model.eval(), next(iter(s.train_loader))
+    return cfg, perturb(s.model), next(iter(s.train_loader))
 
 
 def logits(model, batch):

@@ -5,7 +5,7 @@ trains with only its own weights moving: test_matrix.py.)"""
 
 import pytest
 import torch
-from conftest import overfit, require_data
+from conftest import overfit, perturb, require_data
 
 from peftbench.errors import UserError
 from peftbench.methods import apply_method, finish, load_trainable, save_trainable
@@ -156,12 +156,7 @@ def trained(compose, method, model, *more):
 
     cfg = compose(*overrides(method, model, *more))
     setup = prepare(cfg, {})
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in setup.model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
-    setup.model.eval()
+    perturb(setup.model)
     return cfg, setup, next(iter(setup.eval_loader))
 
 

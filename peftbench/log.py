@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-log = logging.getLogger("peftbench")  # its lines: "[peftbench] ..." on stdout, with time and level in a log file
+log = logging.getLogger(
+    "peftbench"
+)  # its lines: "[peftbench] ..." on stdout, with time and level in a log file
 
 CONSOLE_FORMAT = "[peftbench] %(message)s"
 FILE_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
@@ -95,6 +98,14 @@ def bar(
         dynamic_ncols=True,
         disable=not (BARS["on"] and on_terminal()),
     )
+
+
+@contextmanager
+def stage(stages: tqdm, name: str, steps: int = 1):
+    """One named stage of a bar of stages (a scorer's metrics): its name shown while it runs, then counted."""
+    stages.set_postfix_str(name)
+    yield
+    stages.update(steps)
 
 
 def library_bars() -> None:

@@ -102,3 +102,17 @@ def model_family(cfg: DictConfig) -> Family:
 def model_kind(cfg: DictConfig) -> str:
     """What `models.load_model` builds the model for: the task's kind, or "span"."""
     return "span" if format_class(cfg).span else cfg.task.kind
+
+
+def save_predictions(ev, examples: list[dict], name: str | None = None) -> str:
+    """An evaluation's per-example predictions as JSON lines: predictions/eval_<n>.jsonl (or <name>.jsonl);
+    the path, for the evaluation's result."""
+    import json
+
+    from peftbench.errors import disk_full_is_user_error
+    from peftbench.record import write_atomic
+
+    path = ev.artifacts / "predictions" / (f"{name}.jsonl" if name else f"eval_{ev.n_evals}.jsonl")
+    with disk_full_is_user_error(f"the predictions {path}", "free space and rerun: the run resumes"):
+        write_atomic(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
+    return str(path)

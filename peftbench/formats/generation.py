@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from peftbench.errors import UserError, disk_full_is_user_error
-from peftbench.formats import Format
+from peftbench.errors import UserError
+from peftbench.formats import Format, save_predictions
 from peftbench.formats.logprobs import pad_to, scored_positions_only
 from peftbench.log import bar
 from peftbench.models import family, inner
@@ -208,14 +208,3 @@ def score_outputs(by_idx: dict[int, str], ev, rows=None, name=None) -> dict[str,
             examples.append({**example, "references": r.get("references")})
         result["predictions"] = save_predictions(ev, examples, name)
     return result
-
-
-def save_predictions(ev, examples: list[dict], name: str | None = None) -> str:
-    """An evaluation's per-example predictions as JSON lines: predictions/eval_<n>.jsonl (or <name>.jsonl);
-    the path, for the evaluation's result."""
-    import json
-
-    path = ev.artifacts / "predictions" / (f"{name}.jsonl" if name else f"eval_{ev.n_evals}.jsonl")
-    with disk_full_is_user_error(f"the predictions {path}", "free space and rerun: the run resumes"):
-        write_atomic(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
-    return str(path)

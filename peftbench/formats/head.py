@@ -11,8 +11,7 @@ from omegaconf import DictConfig
 
 from peftbench import metrics as M
 from peftbench.errors import UserError
-from peftbench.formats import Format
-from peftbench.formats.generation import save_predictions
+from peftbench.formats import Format, save_predictions
 from peftbench.log import bar
 from peftbench.tasks.classification import format_pairs, group_of
 

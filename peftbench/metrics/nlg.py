@@ -38,7 +38,7 @@ from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 from unidecode import unidecode
 
 from peftbench.errors import UserError, choice_error
-from peftbench.log import bar
+from peftbench.log import bar, stage
 from peftbench.metrics.qa import squad
 
 Refs = Sequence[Sequence[str]]
@@ -298,10 +298,9 @@ def rouge(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
 
 
 def _score_e2e(hyps: list[str], refs: list[list[str]], meteor: Meteor | None, out: Scores, stages) -> None:
-    stages.set_postfix_str("bleu, nist")
-    bleu, nist = mteval_bleu_nist(hyps, refs)
-    out.values.update(bleu=100 * bleu, nist=nist)
-    stages.update(2)
+    with stage(stages, "bleu, nist", 2):
+        bleu, nist = mteval_bleu_nist(hyps, refs)
+        out.values.update(bleu=100 * bleu, nist=nist)
     if meteor is None:
         return
     from pycocoevalcap.cider.cider import Cider
@@ -312,15 +311,12 @@ def _score_e2e(hyps: list[str], refs: list[list[str]], meteor: Meteor | None, ou
     tok_r = [[next(rest) for _ in rs] for rs in refs]
     gts = {i: rs for i, rs in enumerate(tok_r)}
     res = {i: [h] for i, h in enumerate(tok_h)}
-    stages.set_postfix_str("meteor")
-    out.values["meteor"] = 100 * meteor(tok_h, tok_r)
-    stages.update(1)
-    stages.set_postfix_str("rouge_l")
-    out.values["rouge_l"] = 100 * float(Rouge().compute_score(gts, res)[0])
-    stages.update(1)
-    stages.set_postfix_str("cider")
-    out.values["cider"] = float(Cider().compute_score(gts, res)[0])
-    stages.update(1)
+    with stage(stages, "meteor"):
+        out.values["meteor"] = 100 * meteor(tok_h, tok_r)
+    with stage(stages, "rouge_l"):
+        out.values["rouge_l"] = 100 * float(Rouge().compute_score(gts, res)[0])
+    with stage(stages, "cider"):
+        out.values["cider"] = float(Cider().compute_score(gts, res)[0])
 
 
 def _score_triples(
@@ -329,16 +325,15 @@ def _score_triples(
     prepare_hyp, prepare_ref = (webnlg_hyp, webnlg_ref) if suite == "webnlg" else (dart_hyp, dart_ref)
     h = [prepare_hyp(x) for x in hyps]
     r = [[prepare_ref(x) for x in rs[:3]] for rs in refs]
-    stages.set_postfix_str("bleu")
-    out.values["bleu"] = multi_bleu(h, [rs + [""] * (3 - len(rs)) for rs in r], lowercase=suite == "webnlg")
-    stages.update(1)
-    stages.set_postfix_str("ter")
-    out.values["ter"] = ter(h, r)
-    stages.update(1)
+    with stage(stages, "bleu"):
+        out.values["bleu"] = multi_bleu(
+            h, [rs + [""] * (3 - len(rs)) for rs in r], lowercase=suite == "webnlg"
+        )
+    with stage(stages, "ter"):
+        out.values["ter"] = ter(h, r)
     if meteor is not None:
-        stages.set_postfix_str("meteor")
-        out.values["meteor"] = meteor(h, r)
-        stages.update(1)
+        with stage(stages, "meteor"):
+            out.values["meteor"] = meteor(h, r)
 
 
 def _split_words(text: str) -> str:

@@ -5,7 +5,7 @@ settings transcribed from the official scripts and the deviations kept on purpos
     python scripts/deviations.py --check    # exit 1 if README.md's table differs from it
     python scripts/deviations.py --write    # put it into README.md (between its markers)
 
-One line per preset and setting (the rows it concerns joined); the full official / ours values and the source
+One line per preset, setting and kept value (the rows it concerns joined); the full official / ours values and the source
 lines are in the YAML files."""
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ def table() -> str:
     lines = ["| preset | setting | rows (tasks) | the official code | here, and why |", "|---|---|---|---|---|"]
     for path in sorted((ROOT / "tests" / "transcribed").glob("*.yaml")):
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-        groups: dict[str, list[dict]] = {}
+        groups: dict[tuple, list[dict]] = {}  # one line per setting and value: rows that keep another value get theirs
         for d in spec.get("deviations") or []:
-            groups.setdefault(d["key"], []).append(d)
-        for key, ds in groups.items():
+            groups.setdefault((d["key"], str(d.get("official")), str(d.get("ours")), d["reason"]), []).append(d)
+        for (key, *_), ds in groups.items():
             where = sorted({f"{d.get('row', '*')}" + (f" ({d['task']})" if d.get("task", "*") != "*" else "") for d in ds})
             first = ds[0]
             lines.append(

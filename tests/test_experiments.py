@@ -277,6 +277,36 @@ def test_a_record_outside_the_presets_grid_is_left_out_with_a_warning(tmp_path, 
     assert f"{stray['run_id']} (row" in err and "seed 999) is not a run of preset offline_minilm" in err
 
 
+def test_a_seed_run_twice_counts_once_in_its_table(tmp_path, capsys):
+    """The same point run again under another run id (another thread count, say) is one seed, not two: the
+    table takes the later finished record and stderr names both."""
+    import shutil
+    from pathlib import Path
+
+    from peftbench.report.make import in_preset, make_table
+
+    repo = Path(__file__).resolve().parent.parent / "results"
+    shutil.copytree(repo / "offline_minilm", tmp_path / "offline_minilm")
+    first = sorted((tmp_path / "offline_minilm").glob("*.json"))[0]
+    again = json.loads(first.read_text())
+    metric = next(iter(again["best"]["metrics"]))
+    again.update(run_id=again["run_id"][:-10] + "0123456789", finished_at="2999-01-01T00:00:00")
+    again["best"]["metrics"] = {k: 1.5 for k in again["best"]["metrics"]}
+    (tmp_path / "offline_minilm" / f"{again['run_id']}.json").write_text(json.dumps(again))
+    preset = experiment.load_preset("offline_minilm")
+    from peftbench.record import load_records
+
+    kept = in_preset(preset, load_records(tmp_path / "offline_minilm"))
+    same = [
+        r for r in kept if (r["row"], r["task"], r["seed"]) == (again["row"], again["task"], again["seed"])
+    ]
+    assert [r["run_id"] for r in same] == [again["run_id"]] and same[0]["best"]["metrics"][metric] == 1.5
+    assert len(kept) == len(list((repo / "offline_minilm").glob("*.json")))
+    assert make_table(tmp_path, "offline_minilm") + "\n" != (repo / "offline_minilm.md").read_text()
+    err = capsys.readouterr().err
+    assert f"the table takes {again['run_id']}, the later finished" in err
+
+
 def test_a_stand_in_models_table_shows_the_papers_numbers_under_their_model_without_a_difference():
     """offline_e2e_smollm2 runs SmolLM2-135M where the paper ran GPT-2 Medium: the paper's number is shown
     under that model's name, with no Δ (not the same experiment); its plot's x is a record field."""

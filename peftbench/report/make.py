@@ -44,17 +44,33 @@ def in_preset(preset, records: list[dict]) -> list[dict]:
     from peftbench.experiment import expand
 
     grid = {(p.row, p.task, p.seed, p.method, p.model) for p in expand(preset)}
-    kept = []
+    kept: dict[tuple, dict] = {}
     for r in records:
-        if (r.get("row"), r.get("task"), r.get("seed"), r.get("method"), r.get("model")) in grid:
-            kept.append(r)
-        else:
+        key = (r.get("row"), r.get("task"), r.get("seed"), r.get("method"), r.get("model"))
+        if key not in grid:
             print(
                 f"[peftbench] warning: {r.get('run_id')} (row {r.get('row')!r}, method {r.get('method')}, seed "
                 f"{r.get('seed')}) is not a run of preset {preset.name}; left out of its table",
                 file=sys.stderr,
             )
-    return kept
+            continue
+        if key in kept:  # one seed run twice (another run id: e.g. another thread count): one record per seed
+            newer, older = sorted((kept[key], r), key=_recency, reverse=True)
+            print(
+                f"[peftbench] warning: {older.get('run_id')} and {newer.get('run_id')} are the same point (row "
+                f"{key[0]!r}, {key[1]}, seed {key[2]}); the table takes {newer.get('run_id')}, the later finished",
+                file=sys.stderr,
+            )
+            kept[key] = newer
+        else:
+            kept[key] = r
+    return list(kept.values())
+
+
+def _recency(record: dict) -> tuple:
+    """Finished before anything else, then the later finish (or start)."""
+    finished = record.get("status") == "finished"
+    return (finished, str(record.get("finished_at") or record.get("started_at") or ""))
 
 
 def check_tables(root: Path) -> int:

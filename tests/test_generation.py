@@ -71,6 +71,58 @@ def test_batched_left_padded_decoding_equals_one_at_a_time(compose, strategy):
     assert together == alone and len(set(alone)) > 1
 
 
+def test_no_repeat_ngram_reads_the_generated_tokens_only():
+    """LoRA's beam search bans an n-gram seen among the tokens generated so far (gpt2_beam.py's `history`), not
+    one of the prompt: "5 out of 5" in the table can be said again."""
+    import torch
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    from peftbench.formats.generation import GeneratedNoRepeatNGram
+
+    prompt = [7, 5, 6, 7, 5]
+    ids = torch.tensor([prompt + [6, 7, 5]])  # generated so far: 6 7 5
+    scores = torch.zeros(1, 10)
+    ours = GeneratedNoRepeatNGram(3, start=len(prompt))(ids, scores.clone())
+    theirs = NoRepeatNGramLogitsProcessor(3)(ids, scores.clone())
+    # the prompt's "7 5 6" bans 6 after "7 5"
+    assert torch.isinf(theirs[0]).nonzero().flatten().tolist() == [6]
+    assert not torch.isinf(ours).any()  # the output's only 3-gram, "6 7 5", does not start with "7 5"
+    ids = torch.tensor([prompt + [6, 7, 5, 6, 7]])  # now "6 7 5" was generated: after "6 7" comes no 5
+    ours = GeneratedNoRepeatNGram(3, start=len(prompt))(ids, scores.clone())
+    assert torch.isinf(ours[0]).nonzero().flatten().tolist() == [5]
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
+def test_beam_with_no_repeat_batched_equals_one_at_a_time(compose, model):
+    """LoRA's decoding (beam, length penalty 0.8, no-repeat n-gram) on left-padded batches: the padding and the
+    prompt are outside what no-repeat reads, so a row decodes alike whatever its batch."""
+    require_data()
+    from peftbench.tasks import load_task
+
+    cfg, kind, net, tok, b = setup(
+        compose,
+        model,
+        "task.decode.strategy=beam",
+        "task.decode.num_beams=3",
+        "task.decode.length_penalty=0.8",
+        "task.decode.no_repeat_ngram_size=2",
+        "task.decode.max_new_tokens=12",
+        "+model.dims.initializer_range=0.5",
+    )
+    rows = load_task(cfg.task, seed=0).validation[:4]
+    feats = encode_eval(rows, cfg.task, tok, kind)
+    batch = b(feats)
+    generate, outputs = net.generate, []
+    net.generate = lambda *a, **k: outputs.append(generate(*a, **k)) or outputs[-1]
+    together = b.generate(net, batch)
+    alone = [b.generate(net, b([f]))[0] for f in feats]
+    assert together == alone and len(set(alone)) > 1
+    for row in outputs[0][:, batch["input_ids"].shape[1] :].tolist():  # no 2-gram twice in an output's tokens
+        out = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+        grams = list(zip(out, out[1:]))
+        assert len(grams) == len(set(grams)) and len(out) > 2, out
+
+
 def run(compose, *overrides):
     from peftbench.run import execute
 

@@ -105,11 +105,11 @@ def test_the_readmes_deviations_table_is_made_from_these_files():
 def test_dry_run_prints_the_official_settings_without_loading_weights(capsys, monkeypatch):
     """`peftbench train experiment=lora_glue --dry-run`: RoBERTa-large RTE LoRA as roberta_large_rte.sh and
     DeBERTa-XXL MNLI LoRA as deberta_v2_xxlarge_mnli.sh (microsoft/LoRA@c4593f0), nothing loaded or run."""
-    from peftbench.cli import main
+    import peftbench.setup  # noqa: F401  imported before the patch: importing it under the patch would bind
+    from peftbench.cli import main  # the failing stand-in as its `load_model` for every later test here
 
-    monkeypatch.setattr(
-        "peftbench.models.load_model", lambda *a, **k: pytest.fail("a dry run loaded a model")
-    )
+    for where in ("peftbench.models.load_model", "peftbench.setup.load_model"):
+        monkeypatch.setattr(where, lambda *a, **k: pytest.fail("a dry run loaded a model"))
     monkeypatch.setattr("peftbench.run.execute", lambda *a, **k: pytest.fail("a dry run ran"))
     for only, label in (("task=rte", "LoRA (large)"), ("task=mnli", "LoRA (XXL)")):
         assert main(["train", "experiment=lora_glue", "--dry-run", f"only={only}"]) == 0

@@ -78,7 +78,9 @@ def test_every_runnable_point_runs_the_official_settings(path):
             assert key in ours, f"{path.name}: {key!r} is not a setting (choose from {sorted(ours)})"
             target = kept(spec, p.row, p.task, key)
             target = official if target is None else target
-            if not same(ours[key], target):
+            # the official value, or the deviation kept there (a row may run the official value where the
+            # rows around it keep a deviation: the beam-decoded LoRA row of offline_e2e_smollm2)
+            if not same(ours[key], target) and not same(ours[key], official):
                 problems.append(
                     f"{p.row} | {p.task} | {key}: ours {ours[key]!r}, source {official!r} ({source})"
                 )

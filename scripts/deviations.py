@@ -5,7 +5,8 @@ settings transcribed from the official scripts and the deviations kept on purpos
     python scripts/deviations.py --check    # exit 1 if README.md's table differs from it
     python scripts/deviations.py --write    # put it into README.md (between its markers)
 
-One line per preset, setting and kept value (the rows it concerns joined); the full official / ours values and the source
+One line per preset, setting and kept value (the rows it concerns joined; `* except R` for every row but R, which
+runs the official value); the full official / ours values and the source
 lines are in the YAML files."""
 
 from __future__ import annotations
@@ -32,10 +33,17 @@ def table() -> str:
         for d in spec.get("deviations") or []:
             groups.setdefault((d["key"], str(d.get("official")), str(d.get("ours")), d["reason"]), []).append(d)
         for (key, *_), ds in groups.items():
-            where = sorted({f"{d.get('row', '*')}" + (f" ({d['task']})" if d.get("task", "*") != "*" else "") for d in ds})
+            where = sorted(
+                {
+                    f"{d.get('row', '*')}"
+                    + (f" ({d['task']})" if d.get("task", "*") != "*" else "")
+                    + (f" except {', '.join(d['except'])}" if d.get("except") else "")
+                    for d in ds
+                }
+            )
             first = ds[0]
             lines.append(
-                f"| {spec['preset']} | {key} | {short(', '.join(where), 80)} | {short(first.get('official'), 90)} | "
+                f"| {spec['preset']} | {key} | {short(', '.join(where), 120)} | {short(first.get('official'), 90)} | "
                 f"{short(first.get('ours'), 70)}: {short(first['reason'])} |"
             )
     return "\n".join(lines)

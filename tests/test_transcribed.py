@@ -45,6 +45,8 @@ def expected(spec: dict, row: str, task: str) -> tuple[dict, str] | None:
 def kept(spec: dict, row: str, task: str, key: str):
     """The value the project runs instead of the official one, if it keeps a deviation there."""
     for d in spec.get("deviations") or []:
+        if row in (d.get("except") or []):  # a row of a `*` deviation that runs the official value
+            continue
         if d["key"] == key and d.get("row", "*") in ("*", row) and d.get("task", "*") in ("*", task):
             assert d.get("reason"), f"deviation {d} has no reason"
             return d["ours"]
@@ -78,9 +80,9 @@ def test_every_runnable_point_runs_the_official_settings(path):
             assert key in ours, f"{path.name}: {key!r} is not a setting (choose from {sorted(ours)})"
             target = kept(spec, p.row, p.task, key)
             target = official if target is None else target
-            # the official value, or the deviation kept there (a row may run the official value where the
-            # rows around it keep a deviation: the beam-decoded LoRA row of offline_e2e_smollm2)
-            if not same(ours[key], target) and not same(ours[key], official):
+            # the official value, or the deviation kept there (a row that runs the official value under a `*`
+            # deviation is named in its `except` list)
+            if not same(ours[key], target):
                 problems.append(
                     f"{p.row} | {p.task} | {key}: ours {ours[key]!r}, source {official!r} ({source})"
                 )
@@ -91,8 +93,12 @@ def test_every_runnable_point_runs_the_official_settings(path):
 def test_every_deviation_is_used_and_has_a_reason():
     for path in FILES:
         spec = load(path)
+        rows = {p.row for p in experiment.expand(experiment.load_preset(spec["preset"]))}
         for d in spec.get("deviations") or []:
             assert d.get("reason") and "key" in d and "ours" in d and "official" in d, (path.name, d)
+            # `except` names rows of a `*` deviation that run the official value: real rows, only under a `*`
+            assert not d.get("except") or d.get("row", "*") == "*", (path.name, d)
+            assert set(d.get("except") or []) <= rows, (path.name, d, sorted(rows))
 
 
 def test_the_readmes_deviations_table_is_made_from_these_files():
@@ -143,3 +149,14 @@ def test_dry_run_prints_the_official_settings_without_loading_weights(capsys, mo
                 {"warmup": "1000 steps", "method.r": "16", "method.alpha": "32", "mixed_precision": "fp16"}
             )
         assert {k: row[k] for k in want} == want, row
+
+
+def test_a_row_named_in_except_runs_the_official_value():
+    spec = {
+        "deviations": [
+            {"row": "*", "task": "*", "key": "decode", "official": "beam 10", "ours": "greedy", "reason": "cpu",
+             "except": ["beam row"]},
+        ]
+    }
+    assert kept(spec, "other row", "e2e", "decode") == "greedy"
+    assert kept(spec, "beam row", "e2e", "decode") is None

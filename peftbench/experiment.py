@@ -237,6 +237,8 @@ def settings(cfg: DictConfig) -> dict[str, Any]:
     ):
         if key in m:
             out[f"method.{key}"] = m[key]
+    if m.get("targets") is not None:  # the weights a LoRA-style method adapts (abstract names: q, k, v, o, ffn_in, ...)
+        out["method.targets"] = ",".join(str(t) for t in m.targets)
     if task.kind == "generation":
         d = task.decode
         out.update(

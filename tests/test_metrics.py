@@ -48,3 +48,27 @@ def test_registry_knows_direction_and_rejects_unknown():
     assert all(M.higher_is_better(n) for n in ("accuracy", "f1", "mcc", "pearson", "em"))
     with pytest.raises(Exception, match="did you mean 'accuracy'"):
         M.get_metric("acuracy")
+
+
+def test_bleu_breakdown_script_parts_on_known_outputs(tmp_path):
+    """scripts/bleu_breakdown.py (the README's precision / brevity-penalty figures): outputs equal to a
+    reference score 100 with no penalty; outputs 8 of 10 words long with every n-gram right lose only the
+    brevity penalty exp(1 - 10/8)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bleu_breakdown.py"
+    spec = importlib.util.spec_from_file_location("bleu_breakdown", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ref = "a b c d e f g h i j"
+    exact = mod.breakdown([{"prediction": ref, "references": [ref, "x y z"]}])
+    assert exact["bleu"] == 100.0 and exact["bp"] == 1.0 and exact["precisions"] == [100.0] * 4
+    short = mod.breakdown([{"prediction": "a b c d e f g h", "references": [ref]}])
+    assert short["precisions"] == [100.0] * 4 and (short["sys_len"], short["ref_len"]) == (8, 10)
+    assert short["bp"] == pytest.approx(math.exp(1 - 10 / 8), abs=1e-3)
+    assert short["bleu"] == pytest.approx(100 * math.exp(-0.25), abs=0.01)
+    f = tmp_path / "eval_1.jsonl"
+    f.write_text(json.dumps({"prediction": "a b c d e f g h", "references": [ref]}) + "\n")
+    assert mod.main(["--files", str(f)]) == 0

@@ -330,4 +330,31 @@ def test_a_stand_in_models_table_shows_the_papers_numbers_under_their_model_with
     (spec,) = preset.plots
     for rec in recs:
         rec["status"], rec["config"] = "finished", {}
-    assert presets.plot_series(preset, spec, recs, "mean") == {"prefix_tuning": [(115200, 65.0, 2.0**0.5, 2)]}
+    assert presets.plot_series(preset, spec, recs, "mean") == {"PREFIX (n=10)": [(115200, 65.0, 2.0**0.5, 2)]}
+
+
+def test_a_plot_by_row_keeps_rows_of_one_method_apart():
+    """`series: row`: two LoRA rows at the same parameter count (another lr, another decode) are two points,
+    not one mean with a spread that mixes settings; the default pools them by method."""
+    from omegaconf import OmegaConf
+
+    from peftbench.report.plot import short
+
+    preset = experiment.load_preset("offline_e2e_smollm2")
+    recs = []
+    for row, bleu in (("LoRA (r=8) lr 2e-3", 63.0), ("LoRA (r=8) lr 2e-3 beam 10", 63.5)):
+        rec = fake(row, "e2e", 0, 0.0)
+        rec["best"]["metrics"] = {"bleu": bleu}
+        rec["params"] = {"trainable_without_head": 460800}
+        rec["status"], rec["config"] = "finished", {}
+        recs.append(rec)
+    spec = OmegaConf.create({"rows": [r["row"] for r in recs], "task": "e2e", "metric": "bleu",
+                             "x": "record.params.trainable_without_head"})
+    pooled = presets.plot_series(preset, spec, recs, "mean")
+    assert list(pooled) == ["lora"] and pooled["lora"][0][:2] == (460800, 63.25) and pooled["lora"][0][3] == 2
+    spec.series = "row"
+    assert presets.plot_series(preset, spec, recs, "mean") == {
+        "LoRA (r=8) lr 2e-3": [(460800, 63.0, 0.0, 1)],
+        "LoRA (r=8) lr 2e-3 beam 10": [(460800, 63.5, 0.0, 1)],
+    }
+    assert [short(x) for x in (64, 460800, 2442240, 134515008, 3.2e9)] == ["64", "461k", "2.44M", "135M", "3.2B"]

@@ -230,7 +230,9 @@ def record_value(rec: dict, key: str) -> Any:
 def plot_series(
     preset: DictConfig, spec: DictConfig, records: list[dict], stat: str
 ) -> dict[str, list[tuple]]:
-    """series label -> [(x, y, std, n)] sorted by x, for one plot spec of the preset."""
+    """series label -> [(x, y, std, n)] sorted by x, for one plot spec of the preset. A series is a method
+    (default), a config key's value (`series: method.targets`), or each row by itself (`series: row`: rows
+    of one method at other settings stay apart instead of pooling into one mean at the same x)."""
     rows = [r for r in preset.rows if r.label in set(spec.rows)]
     series: dict[str, dict[Any, list[float]]] = {}
     for row in rows:
@@ -238,11 +240,12 @@ def plot_series(
             if rec.get("row") != row.label or rec["task"] != spec.task or rec["status"] != "finished":
                 continue
             x = record_value(rec, spec.x)
-            label = (
-                str(OmegaConf.select(OmegaConf.create(rec["config"]), spec.series))
-                if spec.get("series")
-                else row.method
-            )
+            if spec.get("series") == "row":  # one point set per row: rows of one method are not pooled
+                label = str(row.label)
+            elif spec.get("series"):
+                label = str(OmegaConf.select(OmegaConf.create(rec["config"]), spec.series))
+            else:
+                label = row.method
             series.setdefault(label, {}).setdefault(x, []).append(rec["best"]["metrics"][spec.metric])
     return {
         label: sorted(

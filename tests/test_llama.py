@@ -413,3 +413,13 @@ def test_two_writers_at_once_and_a_reader_see_whole_folders_only(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["a", "b"] and [
         p.name for p in tmp_path.iterdir()
     ] == ["part"]
+
+
+def test_lora_on_every_linear_weight_counts_each_projection():
+    """offline_e2e_smollm2's all-linear LoRA row: r=8 on W_q, W_k, W_v, W_o and the gate / up / down projections
+    of SmolLM2-135M's 30 blocks, r (d_in + d_out) each, on the meta device."""
+    c, model = counts("model=smollm2-135m", "method=lora", "method.targets=[q,k,v,o,ffn_in,ffn_out]")
+    per_block = 8 * ((576 + 576) + 2 * (576 + 192) + (576 + 576) + 2 * (576 + 1536) + (1536 + 576))
+    assert c["trainable_without_head"] == 30 * per_block == 2_442_240
+    adapted = {n.split(".")[-4] for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
